@@ -1,0 +1,239 @@
+"""The HTTP application: ``create_app()`` wires routes, exception handlers and the lifespan that
+opens and closes storage and the status store."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response, get, route
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.handlers.base import BaseRouteHandler
+
+from gateway.body import PayloadTooLarge
+from gateway.config import Config, admin_token, load_config
+from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthorized
+from gateway.events import event_encoder
+from gateway.plugins import LoadedPartner, load_partners
+from gateway.postback import Gateway
+from gateway.status import open_status
+from gateway.storage import open_storage
+
+log = logging.getLogger("gateway.http")
+
+MAX_EVENTS_LIMIT = 1000
+
+
+def json_response(
+    body: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    return Response(
+        content=event_encoder.encode(body),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def gateway_of(request: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+# -- the postback route -------------------------------------------------------------------------
+
+
+async def postback(request: Request[Any, Any, Any], partner: str) -> Response[bytes]:
+    started = time.perf_counter()
+    gw = gateway_of(request)
+    outcome, status_code = "error", 500
+    try:
+        loaded = _partner_for(gw, partner, request.method)
+        try:
+            body = await request.body()
+        except RequestEntityTooLarge:
+            raise PayloadTooLarge(
+                f"body larger than {gw.config.limits.max_body_bytes} bytes"
+            ) from None
+        answer = await gw.postback(
+            loaded, request.scope.get("query_string", b""), request.headers, body
+        )
+        outcome, status_code = answer.outcome, answer.status_code
+        return json_response(answer.body, answer.status_code)
+    except GatewayError as exc:
+        outcome, status_code = exc.error, exc.status_code
+        raise
+    finally:
+        log.info(
+            "postback",
+            extra={
+                "partner": partner if partner in gw.partners else "(unknown)",
+                "method": request.method,
+                "status": status_code,
+                "outcome": outcome,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+
+
+def _partner_for(gw: Gateway, name: str, method: str) -> LoadedPartner:
+    loaded = gw.partners.get(name)
+    if loaded is None:
+        raise NotFound(f"unknown partner {name!r}")
+    if not gw.config.partner_enabled(name):
+        raise Forbidden(f"partner {name!r} is disabled in config")
+    if method not in loaded.spec.methods:
+        raise MethodNotAllowedForPartner(
+            f"partner {name!r} sends postbacks with {', '.join(loaded.spec.methods)}"
+        )
+    return loaded
+
+
+class MethodNotAllowedForPartner(GatewayError):
+    status_code = 405
+    error = "method_not_allowed"
+
+
+# -- admin --------------------------------------------------------------------------------------
+
+
+def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    expected: str = connection.app.state.admin_token
+    scheme, _sep, token = connection.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("admin endpoints need Authorization: Bearer <admin token>")
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise Unauthorized("invalid admin token")
+
+
+async def partner_status(gw: Gateway, name: str) -> dict[str, Any]:
+    record = await gw.status.get(name)
+    return {
+        "partner": name,
+        "display_name": gw.partners[name].spec.display_name or name,
+        "enabled": gw.config.partner_enabled(name),
+        "connected": record.last_success_at is not None,
+        "last_success_at": record.last_success_at,
+        "endpoint": f"/partners/{name}/postback",
+        "counters": record.counters,
+    }
+
+
+@get("/partners", guards=[admin_guard])
+async def list_partners(request: Request[Any, Any, Any]) -> Response[bytes]:
+    gw = gateway_of(request)
+    partners = [await partner_status(gw, name) for name in sorted(gw.partners)]
+    return json_response({"partners": partners})
+
+
+@get("/partners/{partner:str}/status", guards=[admin_guard])
+async def get_partner_status(request: Request[Any, Any, Any], partner: str) -> Response[bytes]:
+    gw = gateway_of(request)
+    if partner not in gw.partners:
+        raise NotFound(f"unknown partner {partner!r}")
+    return json_response(await partner_status(gw, partner))
+
+
+@get("/events", guards=[admin_guard])
+async def list_events(request: Request[Any, Any, Any]) -> Response[bytes]:
+    gw = gateway_of(request)
+    partner = request.query_params.get("partner") or None
+    raw_limit = request.query_params.get("limit") or "50"
+    if partner is not None and partner not in gw.partners:
+        raise NotFound(f"unknown partner {partner!r}")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_EVENTS_LIMIT:
+        raise BadRequest(f"limit must be a whole number from 1 to {MAX_EVENTS_LIMIT}")
+    events = await gw.storage.events(partner, int(raw_limit))
+    return json_response({"events": events})
+
+
+@get("/healthz")
+async def healthz() -> Response[bytes]:
+    return json_response({"status": "ok"})
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def on_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    headers = {"Retry-After": "30"} if exc.status_code == 503 else None
+    return json_response(exc.body(), exc.status_code, headers)
+
+
+def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    error = {
+        400: "bad_request",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+    }
+    body = {
+        "status": "error",
+        "error": error.get(exc.status_code, "http_error"),
+        "reason": str(exc.detail),
+    }
+    return json_response(body, exc.status_code, exc.headers)
+
+
+def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.error("unexpected error", exc_info=exc)
+    body = {"status": "error", "error": "internal", "reason": "internal error; retry later"}
+    return json_response(body, 500)
+
+
+# -- the factory --------------------------------------------------------------------------------
+
+
+def create_app(
+    config: Config | None = None, partners: dict[str, LoadedPartner] | None = None
+) -> Litestar:
+    """The gateway as an ASGI app. With no arguments, config and plugins come from the
+    environment (``GATEWAY_CONFIG`` and friends, ``GATEWAY_PLUGINS``)."""
+    config = config if config is not None else load_config()
+    partners = partners if partners is not None else load_partners()
+    for name in config.partners:
+        if name not in partners:
+            logging.getLogger("gateway").warning(
+                "config names partner %r but no plugin provides it", name
+            )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        storage = open_storage(config.storage.url)
+        status = open_status(config.status.redis_url, config.data_dir, config.status.key_prefix)
+        await storage.open()
+        try:
+            await status.open()
+            try:
+                app.state.gateway = Gateway(config, partners, storage, status)
+                app.state.admin_token = admin_token(config)
+                yield
+            finally:
+                await status.close()
+        finally:
+            await storage.close()
+
+    postback_route = route(
+        "/partners/{partner:str}/postback",
+        http_method=["GET", "POST"],
+        status_code=200,
+        request_max_body_size=config.limits.max_body_bytes,
+    )(postback)
+
+    return Litestar(
+        route_handlers=[postback_route, list_partners, get_partner_status, list_events, healthz],
+        lifespan=[lifespan],
+        exception_handlers={
+            GatewayError: on_gateway_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+        logging_config=None,
+        openapi_config=None,
+    )

@@ -1,0 +1,125 @@
+"""Reading a postback: its key, its query string and its body, into plain payload dicts.
+
+Partners send JSON objects, JSON arrays (batches), form-encoded bodies, everything in the query
+string, and JSON with a wrong or missing Content-Type. Whatever arrives, the result is a list of
+``dict[str, Any]`` payloads, the query string merged under each, with the ``api_key`` field
+removed. Percent-decoding happens here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from gateway.errors import BadRequest, GatewayError, Unauthorized
+
+KEY_FIELD = "api_key"
+
+_json = msgspec.json.Decoder()
+_WHITESPACE = b" \t\r\n"
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    error = "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status_code = 415
+    error = "unsupported_media_type"
+
+
+def parse_query(raw: bytes | str) -> dict[str, str]:
+    """Decode a query string (or form body) once; the first of repeated fields wins."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("query string or form body is not valid UTF-8") from None
+    except ValueError as exc:  # too many fields, etc.
+        raise BadRequest(f"unreadable query string or form body: {exc}") from None
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        out.setdefault(name, value)
+    return out
+
+
+def key_from_request(query: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
+    """The key from ``Authorization: Bearer``, ``X-Api-Key`` or ``?api_key=``, in that order."""
+    auth = headers.get("authorization", "")
+    scheme, _, credentials = auth.strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    header_key = headers.get("x-api-key", "").strip()
+    if header_key:
+        return header_key
+    return query.get(KEY_FIELD) or None
+
+
+def parse_body(body: bytes, content_type: str, max_items: int) -> list[dict[str, Any]]:
+    """The body as a list of objects (one for a single postback); empty body → ``[]``."""
+    body = body.removeprefix(b"\xef\xbb\xbf")
+    stripped = body.lstrip(_WHITESPACE)
+    if not stripped:
+        return []
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media.startswith("multipart/"):
+        raise UnsupportedMediaType(
+            "multipart bodies are not accepted: send JSON or application/x-www-form-urlencoded"
+        )
+    # Sniff rather than trust the header: partners send JSON labelled as anything.
+    if stripped[:1] in (b"{", b"["):
+        return _parse_json(stripped, max_items)
+    if media == "application/json" or media.endswith("+json"):
+        raise BadRequest("malformed JSON: body must be a JSON object or an array of objects")
+    if b"=" not in stripped:
+        raise BadRequest("unreadable body: expected a JSON object or form-encoded fields")
+    return [dict(parse_query(stripped))]
+
+
+def _parse_json(body: bytes, max_items: int) -> list[dict[str, Any]]:
+    try:
+        data = _json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
+    if isinstance(data, dict):
+        return [data]
+    if not isinstance(data, list):
+        raise BadRequest("JSON body must be an object or an array of objects")
+    if not data:
+        raise BadRequest("empty batch: the JSON array holds no postbacks")
+    if len(data) > max_items:
+        raise PayloadTooLarge(f"batch of {len(data)} postbacks exceeds the limit of {max_items}")
+    for index, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise BadRequest(f"batch item {index} is not a JSON object")
+    return data
+
+
+def key_from_body(items: list[dict[str, Any]]) -> str | None:
+    """The key carried in the body's ``api_key`` field: every item of a batch must agree."""
+    found = {_key_text(item.get(KEY_FIELD)) for item in items}
+    if len(found) > 1:
+        raise Unauthorized(
+            "batch items carry different api_key values: send one key in a header instead"
+        )
+    return found.pop() if found else None
+
+
+def _key_text(value: Any) -> str | None:
+    if value is None or isinstance(value, dict | list):
+        return None
+    return str(value).strip() or None
+
+
+def merge(query: Mapping[str, str], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each payload: the query string's fields, then the body's, without the key."""
+    base = {k: v for k, v in query.items() if k != KEY_FIELD}
+    if not items:
+        return [base]
+    return [{**base, **{k: v for k, v in item.items() if k != KEY_FIELD}} for item in items]

@@ -1,0 +1,164 @@
+"""``gateway serve | keys | status``: every command reads the same config and environment as the
+server (``GATEWAY_CONFIG``, ``GATEWAY_STORAGE_URL``, ``GATEWAY_REDIS_URL``, …)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from gateway.config import Config, ConfigError, admin_token, load_config
+from gateway.keys import create_key, mask
+from gateway.plugins import PluginError, load_partners
+from gateway.status import COUNTERS, open_status
+from gateway.storage import Storage, open_storage
+
+T = TypeVar("T")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--config", type=Path, help="config file (default: $GATEWAY_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
+    serve.add_argument("--port", type=int, help="port (default: server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+
+    keys = sub.add_parser("keys", help="create, list and revoke partner API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; it is printed once, last")
+    create.add_argument("partner")
+    listing = keys_sub.add_parser("list", help="list keys (masked)")
+    listing.add_argument("partner", nargs="?")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+
+    sub.add_parser("status", help="connection status and counters per partner")
+
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        os.environ["GATEWAY_CONFIG"] = str(args.config)  # server workers read it too
+    try:
+        config = load_config()
+        if args.command == "serve":
+            return serve_command(config, args.host, args.port, args.workers)
+        if args.command == "keys":
+            return keys_command(config, args)
+        return status_command(config)
+    except (ConfigError, PluginError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve_command(config: Config, host: str | None, port: int | None, workers: int | None) -> int:
+    import uvicorn
+
+    from gateway.logs import setup_logging
+
+    load_partners()  # fail here, with the plugin's name, rather than in every worker
+    setup_logging()
+    host = host or config.server.host
+    port = port if port is not None else config.server.port
+    admin_token(config)  # create it once, before the workers race for it
+    where = "GATEWAY_ADMIN_TOKEN" if config.admin_token else Path(config.data_dir) / "admin-token"
+    print(
+        f"gateway: listening on http://{host}:{port}  storage={_scheme(config.storage.url)}"
+        f"  status={'redis' if config.status.redis_url else 'embedded'}  admin token: {where}",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers or config.server.workers,
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=20,
+    )
+    return 0
+
+
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0]
+
+
+def _with_storage(config: Config, work: Callable[[Storage], Awaitable[T]]) -> T:
+    async def run() -> T:
+        storage = open_storage(config.storage.url)
+        await storage.open()
+        try:
+            return await work(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
+def keys_command(config: Config, args: argparse.Namespace) -> int:
+    partners = load_partners()
+    if args.keys_command == "create":
+        if args.partner not in partners:
+            known = ", ".join(sorted(partners)) or "none"
+            print(f"gateway: unknown partner {args.partner!r} (known: {known})", file=sys.stderr)
+            return 2
+        record, key = _with_storage(config, lambda s: create_key(s, args.partner))
+        if not config.partner_enabled(args.partner):
+            print(f"note: partner {args.partner!r} is disabled in config", file=sys.stderr)
+        print(f"Created key {record.key_id} for {args.partner}.")
+        print(f"Postback URL: /partners/{args.partner}/postback?api_key=<key>")
+        print("The key is shown only this once; only its hash is stored:")
+        print(key)
+        return 0
+    if args.keys_command == "list":
+        records = _with_storage(config, lambda s: s.keys(args.partner))
+        for r in records:
+            state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
+            created = f"{r.created_at:%Y-%m-%d %H:%M}"
+            print(f"{r.partner:<12} {mask(r.key_id, r.hint):<32} {created}  {state}")
+        if not records:
+            print("no keys")
+        return 0
+    revoked = _with_storage(config, lambda s: s.revoke_key(args.key_id, datetime.now(UTC)))
+    if not revoked:
+        print(f"gateway: no active key {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"Revoked {args.key_id}.")
+    return 0
+
+
+def status_command(config: Config) -> int:
+    partners = load_partners()
+
+    async def run() -> int:
+        store = open_status(config.status.redis_url, config.data_dir, config.status.key_prefix)
+        await store.open()
+        try:
+            print(
+                f"{'partner':<12} {'enabled':<8} {'connected':<10} {'last_success_at':<33} counters"
+            )
+            for name in sorted(partners):
+                record = await store.get(name)
+                last = record.last_success_at.isoformat() if record.last_success_at else "-"
+                counters = " ".join(f"{c}={getattr(record.counters, c)}" for c in COUNTERS)
+                enabled = "yes" if config.partner_enabled(name) else "no"
+                connected = "yes" if record.last_success_at else "no"
+                print(f"{name:<12} {enabled:<8} {connected:<10} {last:<33} {counters}")
+        finally:
+            await store.close()
+        return 0
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

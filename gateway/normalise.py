@@ -1,0 +1,246 @@
+"""Normalisation rules every partner gets from the core (DESIGN.md §5).
+
+Plugins call these helpers while mapping; the core runs :func:`finalise` on every mapped event so
+that the rules hold even where a plugin forgot one. Every helper takes the partner's field name and
+raises :class:`~gateway.errors.MappingError` naming it when a value is unusable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgspec
+
+from gateway.errors import MappingError
+from gateway.events import ID_FIELDS, TEXT_FIELDS, AttributionEvent
+
+_TRUE = frozenset({"true", "1", "yes", "y", "t", "on"})
+_FALSE = frozenset({"false", "0", "no", "n", "f", "off"})
+# An unfilled partner macro such as "{idfa}", "{{campaign}}" or "[network]".
+_MACRO = re.compile(r"^(\{\{?[A-Za-z0-9_.$~-]+\}?\}|\[[A-Za-z0-9_.$~-]+\]|%[A-Za-z0-9_]+%)$")
+_ZERO_ID = re.compile(r"^[0\-]+$")
+_NULL_IDS = frozenset({"null", "none", "nil", "undefined", "(null)", "unknown", "n/a"})
+_NUMERIC = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Earliest and latest times accepted: anything outside is a unit or data error.
+_MIN_TIME = datetime(1990, 1, 1, tzinfo=UTC)
+_MAX_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+_MAX_TEXT = 4096
+
+
+def pick(payload: Mapping[str, Any], *paths: str) -> Any:
+    """The first value under ``paths`` that is not null or blank.
+
+    A path may be dotted (``identity_link.braze_id``) to look inside nested objects.
+    """
+    for path in paths:
+        value: Any = payload
+        for part in path.split("."):
+            if isinstance(value, Mapping) and part in value:
+                value = value[part]
+            else:
+                value = None
+                break
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        return value
+    return None
+
+
+def text(value: Any, field: str) -> str | None:
+    """A text value: stripped; empty, null and unfilled macros become None.
+
+    Numbers become their decimal text (partners send ids both ways). UTF-8 is kept exactly.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise MappingError(field, "must be a finite number or text")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if not isinstance(value, str):
+        raise MappingError(field, f"expected text, got {_kind(value)}")
+    out = value.strip()
+    if not out or _MACRO.match(out):
+        return None
+    if len(out) > _MAX_TEXT:
+        raise MappingError(field, f"longer than {_MAX_TEXT} characters")
+    if "\x00" in out:
+        raise MappingError(field, "contains a NUL character")
+    return out
+
+
+def device_id(value: Any, field: str) -> str | None:
+    """A device or user id: like :func:`text`, and all-zero ids or null words become None."""
+    out = text(value, field)
+    if out is None or _ZERO_ID.match(out) or out.lower() in _NULL_IDS:
+        return None
+    return out
+
+
+def flag(value: Any, field: str) -> bool | None:
+    """``true/false/1/0/yes/no`` in any case, as bool, number or string; blank is None."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if not word:
+            return None
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise MappingError(field, f"expected a true/false flag, got {_show(value)}")
+
+
+def number(value: Any, field: str) -> Decimal | None:
+    """A decimal amount (revenue) from a number or numeric text; blank is None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise MappingError(field, "expected a number, got a boolean")
+    if isinstance(value, int | float | Decimal):
+        raw = str(value)
+    elif isinstance(value, str):
+        raw = value.strip()
+        if not raw:
+            return None
+    else:
+        raise MappingError(field, f"expected a number, got {_kind(value)}")
+    if not _NUMERIC.match(raw):
+        raise MappingError(field, f"expected a number, got {_show(value)}")
+    try:
+        out = Decimal(raw)
+    except InvalidOperation:
+        raise MappingError(field, f"expected a number, got {_show(value)}") from None
+    if not out.is_finite() or abs(out) > Decimal("1e15"):
+        raise MappingError(field, f"number out of range: {_show(value)}")
+    return out
+
+
+def timestamp(value: Any, field: str) -> datetime | None:
+    """A point in time as timezone-aware UTC.
+
+    Accepts ISO-8601 with or without ``T`` and zone (no zone means UTC), ``YYYY-MM-DD
+    HH:MM:SS[.fff]``, offsets with or without a colon, and epoch seconds, milliseconds or
+    microseconds as number or text (the unit is chosen by magnitude). Blank is None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise MappingError(field, "expected a time, got a boolean")
+    if isinstance(value, int | float):
+        return _from_epoch(float(value), field, value)
+    if not isinstance(value, str):
+        raise MappingError(field, f"expected a time, got {_kind(value)}")
+    raw = value.strip()
+    if not raw or _MACRO.match(raw):
+        return None
+    if _NUMERIC.match(raw):
+        return _from_epoch(float(raw), field, value)
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        raise MappingError(field, f"unrecognised time format {_show(value)}") from None
+    return _checked(as_utc(parsed), field, value)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A naive time is taken as UTC; an aware one is converted to UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def _from_epoch(seconds: float, field: str, original: Any) -> datetime:
+    if not math.isfinite(seconds):
+        raise MappingError(field, f"not a valid time: {_show(original)}")
+    magnitude = abs(seconds)
+    if magnitude >= 1e14:
+        seconds /= 1e6  # microseconds
+    elif magnitude >= 1e11:
+        seconds /= 1e3  # milliseconds
+    try:
+        moment = _EPOCH + timedelta(seconds=seconds)
+    except OverflowError:
+        raise MappingError(field, f"time out of range: {_show(original)}") from None
+    return _checked(moment, field, original)
+
+
+def _checked(moment: datetime, field: str, original: Any) -> datetime:
+    if not _MIN_TIME <= moment < _MAX_TIME:
+        raise MappingError(field, f"time out of range: {_show(original)}")
+    return moment
+
+
+def stable_key(payload: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
+    """A dedupe key for partners that send no event id: a hash of the payload's stable fields.
+
+    ``ignore`` names fields that change between retries of the same postback (retry counters,
+    send times); they are left out so a retry hashes the same.
+    """
+    skip = set(ignore)
+    stable = {k: v for k, v in payload.items() if k not in skip}
+    digest = hashlib.sha256(msgspec.json.encode(stable, order="sorted")).hexdigest()
+    return "sha256:" + digest
+
+
+def finalise(event: AttributionEvent) -> AttributionEvent:
+    """Apply the core rules to a mapped event, whatever the plugin already did."""
+    changes: dict[str, Any] = {}
+    for name in ID_FIELDS:
+        value = getattr(event, name)
+        if value is not None:
+            changes[name] = device_id(value, name)
+    for name in TEXT_FIELDS:
+        value = getattr(event, name)
+        if value is not None:
+            changes[name] = text(value, name)
+    for name in ("event_time", "install_time", "touch_time"):
+        value = getattr(event, name)
+        if value is not None:
+            changes[name] = as_utc(value)
+    if event.platform is not None:
+        changes["platform"] = _lower(text(event.platform, "platform"))
+    if event.currency is not None:
+        changes["currency"] = _upper(text(event.currency, "currency"))
+    if event.country is not None:
+        changes["country"] = _upper(text(event.country, "country"))
+    if not (changes.get("event_name", event.event_name)):
+        changes["event_name"] = event.kind
+    return msgspec.structs.replace(event, **changes)
+
+
+def _lower(value: str | None) -> str | None:
+    return value.lower() if value is not None else None
+
+
+def _upper(value: str | None) -> str | None:
+    return value.upper() if value is not None else None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return type(value).__name__
+
+
+def _show(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."

@@ -1,0 +1,109 @@
+"""Loading partner plugins: the built-in partners, then allowed third-party distributions.
+
+Built-in partners are plugins like any other, listed by module path in :data:`BUILTIN_PLUGINS`.
+Third-party distributions add partners through the ``gateway_partners`` entry-point group; only
+the entry points named in ``GATEWAY_PLUGINS`` (comma-separated; empty means none) are loaded, so a
+stray installed package never changes what the gateway accepts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+
+import msgspec
+import pluggy
+
+from gateway import hookspecs
+from gateway.hookspecs import PartnerSpec
+
+BUILTIN_PLUGINS: tuple[str, ...] = ("plugins.kochava",)
+ENTRY_POINT_GROUP = "gateway_partners"
+ALLOW_ENV = "GATEWAY_PLUGINS"
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or registered something invalid."""
+
+
+class LoadedPartner(msgspec.Struct, frozen=True):
+    spec: PartnerSpec
+    source: str  # "built-in" or the distribution that provides it
+    version: str
+
+
+def allowed_external(env: Mapping[str, str] | None = None) -> frozenset[str]:
+    raw = (os.environ if env is None else env).get(ALLOW_ENV, "")
+    return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+def load_partners(
+    builtins: Iterable[str] = BUILTIN_PLUGINS,
+    allow: Iterable[str] | None = None,
+) -> dict[str, LoadedPartner]:
+    """Load every plugin and return the partners they register, by name.
+
+    ``allow`` lists the entry-point names of third-party plugins to load; None reads
+    ``GATEWAY_PLUGINS``. Raises :class:`PluginError` for an unknown hook, a bad or repeated name.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    sources: dict[str, tuple[str, str]] = {}
+    own_version = _version("attribution-gateway")
+
+    for module_path in builtins:
+        module = importlib.import_module(module_path)
+        pm.register(module, name=module_path)
+        sources[module_path] = ("built-in", own_version)
+
+    wanted = allowed_external() if allow is None else frozenset(allow)
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in wanted or pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+        pm.register(plugin, name=ep.name)
+        dist = ep.dist
+        sources[ep.name] = (
+            dist.metadata["Name"] if dist else ep.name,
+            dist.version if dist else "unknown",
+        )
+
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(
+            f"plugin {pm.get_name(exc.plugin)!r} implements a hook the gateway does not define "
+            f"(misspelt?): {exc}"
+        ) from exc
+
+    partners: dict[str, LoadedPartner] = {}
+    for impl in pm.hook.register_partners.get_hookimpls():
+        source, version = sources.get(impl.plugin_name, (impl.plugin_name, "unknown"))
+
+        def register(spec: PartnerSpec, _src: str = source, _ver: str = version) -> None:
+            if not isinstance(spec, PartnerSpec):
+                raise PluginError(f"{_src}: register() takes a PartnerSpec, got {spec!r}")
+            if not _NAME.match(spec.name):
+                raise PluginError(f"{_src}: invalid partner name {spec.name!r}")
+            if spec.name in partners:
+                other = partners[spec.name].source
+                raise PluginError(f"partner {spec.name!r} registered twice ({other}, {_src})")
+            partners[spec.name] = LoadedPartner(spec=spec, source=_src, version=_ver)
+
+        impl.function(register=register)
+    return partners
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,210 @@
+"""The postback flow of DESIGN.md §1, steps 2 to 8, apart from HTTP.
+
+``Gateway`` holds what a running gateway needs (config, partners, storage, status) and turns one
+authenticated postback into an :class:`Answer`: the status code and JSON body the partner gets.
+Errors are raised as :class:`~gateway.errors.GatewayError` and answered by the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from gateway import body as reader
+from gateway.config import Config
+from gateway.errors import GatewayError, MappingError, StatusUnavailable
+from gateway.events import INSTALL_KINDS, AttributionEvent
+from gateway.keys import check_key
+from gateway.normalise import finalise, stable_key
+from gateway.plugins import LoadedPartner
+from gateway.status import StatusStore
+from gateway.storage import Storage
+
+log = logging.getLogger("gateway.postback")
+
+_WORD_BREAK = re.compile(r"[\s_\-/()\[\].:,]")
+
+
+class Answer(msgspec.Struct):
+    status_code: int
+    body: dict[str, Any]
+    outcome: str  # for logs: accepted, duplicate, ignored, batch
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        partners: Mapping[str, LoadedPartner],
+        storage: Storage,
+        status: StatusStore,
+    ) -> None:
+        self.config = config
+        self.partners = partners
+        self.storage = storage
+        self.status = status
+        self._restricted = [name.casefold() for name in config.restricted_networks]
+
+    # -- steps 2 to 8 -----------------------------------------------------------------------
+
+    async def postback(
+        self,
+        partner: LoadedPartner,
+        query_string: bytes,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> Answer:
+        name = partner.spec.name
+        authenticated = False
+        try:
+            query = reader.parse_query(query_string)
+            key = reader.key_from_request(query, headers)
+            if key is not None:  # step 2 before reading the body, where we can
+                await check_key(self.storage, name, key)
+                authenticated = True
+            items = reader.parse_body(
+                body, headers.get("content-type", ""), self.config.limits.max_batch_events
+            )
+            if not authenticated:
+                await check_key(self.storage, name, reader.key_from_body(items))
+                authenticated = True
+            payloads = reader.merge(query, items)
+            events = self._map(partner, payloads, batch=len(items) > 1)
+        except GatewayError as exc:
+            await self.count_refusal(name, exc, authenticated)
+            raise
+        return await self._filter_and_store(name, events, batch=len(payloads) > 1)
+
+    async def count_refusal(self, partner: str, exc: GatewayError, authenticated: bool) -> None:
+        if exc.status_code == 401:
+            await self._record(partner, {"unauthorized": 1})
+        elif authenticated and exc.status_code < 500:
+            await self._record(partner, {"rejected": 1})
+
+    def _map(
+        self, partner: LoadedPartner, payloads: list[dict[str, Any]], batch: bool
+    ) -> list[tuple[int, AttributionEvent]]:
+        """Step 4 and 5: every payload mapped and normalised, or nothing (all-or-nothing)."""
+        received_at = datetime.now(UTC)
+        out: list[tuple[int, AttributionEvent]] = []
+        for index, payload in enumerate(payloads):
+            try:
+                mapped = partner.spec.map(payload)
+                events = [mapped] if isinstance(mapped, AttributionEvent) else list(mapped)
+                for n, event in enumerate(events):
+                    if not isinstance(event, AttributionEvent):
+                        raise TypeError(f"mapping returned {type(event).__name__}")
+                    out.append((index, self._complete(partner, event, payload, n, received_at)))
+            except MappingError as exc:
+                if batch:
+                    field = f"[{index}].{exc.field}"
+                    raise MappingError(field, exc.reason.partition(": ")[2]) from None
+                raise
+            except Exception as exc:
+                # A plugin bug on input it did not expect: refuse the payload, keep serving.
+                log.exception("partner %s failed to map a payload", partner.spec.name)
+                where = f"[{index}]" if batch else "payload"
+                raise MappingError(where, f"could not be mapped ({type(exc).__name__})") from exc
+        return out
+
+    def _complete(
+        self,
+        partner: LoadedPartner,
+        event: AttributionEvent,
+        payload: dict[str, Any],
+        n: int,
+        received_at: datetime,
+    ) -> AttributionEvent:
+        event = finalise(event)
+        dedupe_key = event.dedupe_key or stable_key(payload)
+        if n and not event.dedupe_key:
+            dedupe_key = f"{dedupe_key}:{n}"
+        return msgspec.structs.replace(
+            event,
+            partner=partner.spec.name,
+            event_id=uuid.uuid4().hex,
+            received_at=received_at,
+            raw=payload,
+            dedupe_key=dedupe_key,
+        )
+
+    def restricted(self, source: str | None) -> bool:
+        """Whether ``source`` is a restricted network: an entry of ``restricted_networks``
+        equal to it, or to its leading words (``Facebook Ads``, ``twitter_int``), any case."""
+        if not source:
+            return False
+        folded = source.casefold().strip()
+        for name in self._restricted:
+            if folded == name:
+                return True
+            if folded.startswith(name) and _WORD_BREAK.match(folded, len(name)):
+                return True
+        return False
+
+    async def _filter_and_store(
+        self, partner: str, events: Sequence[tuple[int, AttributionEvent]], batch: bool
+    ) -> Answer:
+        results: list[dict[str, Any] | None] = [None] * len(events)
+        to_store: list[tuple[int, AttributionEvent]] = []
+        counts: Counter[str] = Counter()
+        for pos, (_, event) in enumerate(events):
+            if not event.attributed:
+                results[pos] = {"status": "ignored", "reason": "organic"}
+                counts["ignored_organic"] += 1
+            elif self.restricted(event.source):
+                results[pos] = {"status": "ignored", "reason": "restricted_network"}
+                counts["ignored_restricted"] += 1
+            else:
+                to_store.append((pos, event))
+
+        success_at = None
+        if to_store:
+            stored = await self.storage.store([event for _, event in to_store])  # step 7
+            for (pos, event), result in zip(to_store, stored, strict=True):
+                if result.stored:
+                    counts["accepted"] += 1
+                    results[pos] = {
+                        "status": "accepted",
+                        "event_id": result.event_id,
+                        "kind": event.kind,
+                    }
+                    if event.kind in INSTALL_KINDS and event.received_at is not None:
+                        success_at = event.received_at
+                else:
+                    counts["duplicate"] += 1
+                    results[pos] = {"status": "duplicate", "event_id": result.event_id}
+
+        await self._record(partner, counts, success_at)  # step 8
+        done = [r for r in results if r is not None]
+        status_code = 202 if counts["accepted"] else 200
+        if not done:
+            return Answer(200, {"status": "ignored", "reason": "no_events"}, "ignored")
+        if len(done) == 1 and not batch:
+            return Answer(status_code, done[0], str(done[0]["status"]))
+        overall = next(
+            s for s in ("accepted", "duplicate", "ignored") if any(r["status"] == s for r in done)
+        )
+        body = {
+            "status": overall,
+            "accepted": counts["accepted"],
+            "duplicate": counts["duplicate"],
+            "ignored": counts["ignored_organic"] + counts["ignored_restricted"],
+            "results": done,
+        }
+        return Answer(status_code, body, "batch")
+
+    async def _record(
+        self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
+    ) -> None:
+        """Status is bookkeeping: a status-store failure is logged, never answered as an error."""
+        try:
+            await self.status.record(partner, counts, success_at)
+        except StatusUnavailable as exc:
+            log.warning("status not recorded for %s: %s", partner, exc.reason)

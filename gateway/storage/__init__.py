@@ -1,0 +1,71 @@
+"""The shared storage layer: one protocol, with SQLite (embedded default) and PostgreSQL.
+
+Storage holds the accepted events (idempotent on ``(partner, dedupe_key)``) and the partners'
+API keys (hashes only). Every backend makes an event durable before ``store`` returns and raises
+:class:`~gateway.errors.StorageUnavailable` when it cannot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from gateway.events import AttributionEvent
+
+
+class StoreResult(msgspec.Struct, frozen=True):
+    stored: bool  # False: an event with the same dedupe key was already there
+    event_id: str  # the id of the stored event (the earlier one for a duplicate)
+
+
+class KeyRecord(msgspec.Struct, kw_only=True):
+    key_id: str
+    partner: str
+    hint: str  # the key's last characters, to tell keys apart in listings
+    created_at: datetime
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class Storage(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless the backend answers."""
+
+    async def store(self, events: Sequence[AttributionEvent]) -> list[StoreResult]:
+        """Store events in one transaction; an event whose dedupe key exists is not stored."""
+
+    async def events(self, partner: str | None = None, limit: int = 50) -> list[AttributionEvent]:
+        """The most recently stored events, newest first."""
+
+    async def count(self, partner: str | None = None) -> int: ...
+
+    async def add_key(self, record: KeyRecord, key_hash: str) -> None: ...
+
+    async def active_key_hashes(self, partner: str) -> list[tuple[str, str]]:
+        """(key_id, key_hash) of the partner's keys that are not revoked."""
+
+    async def keys(self, partner: str | None = None) -> list[KeyRecord]: ...
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        """Revoke a key; False if there is no such active key."""
+
+
+def open_storage(url: str) -> Storage:
+    """The backend for a storage URL (not yet opened)."""
+    if url.startswith("sqlite:///"):
+        from gateway.storage.sqlite import SQLiteStorage
+
+        return SQLiteStorage(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway.storage.postgres import PostgresStorage
+
+        return PostgresStorage(url)
+    raise ValueError(f"unsupported storage URL scheme: {url.split(':')[0]!r}")

@@ -1,0 +1,177 @@
+"""SQLite storage: the embedded default. One file, WAL mode, every commit synced to disk.
+
+All database work runs on one dedicated thread per process, so the event loop never blocks on
+disk. Several processes may share the file; SQLite's write lock and the unique index on
+``(partner, dedupe_key)`` keep concurrent retries to one stored event.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from gateway.errors import StorageUnavailable
+from gateway.events import AttributionEvent, event_decoder, event_encoder
+from gateway.sqlite_thread import SQLiteThread
+from gateway.storage import KeyRecord, StoreResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL UNIQUE,
+    partner     TEXT NOT NULL,
+    dedupe_key  TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    attributed  INTEGER NOT NULL,
+    received_at TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    UNIQUE (partner, dedupe_key)
+);
+CREATE INDEX IF NOT EXISTS events_by_partner ON events (partner, seq);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id       TEXT PRIMARY KEY,
+    partner      TEXT NOT NULL,
+    key_hash     TEXT NOT NULL UNIQUE,
+    hint         TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    revoked_at   TEXT,
+    last_used_at TEXT
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_partner ON api_keys (partner);
+"""
+
+
+class SQLiteStorage:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = SQLiteThread(path, SCHEMA, StorageUnavailable, synchronous="FULL")
+        self._run = self._db.run
+
+    async def open(self) -> None:
+        await self._db.open()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def ping(self) -> None:
+        await self._db.ping()
+
+    async def store(self, events: Sequence[AttributionEvent]) -> list[StoreResult]:
+        rows = [
+            (
+                e.event_id,
+                e.partner,
+                e.dedupe_key,
+                e.kind,
+                int(e.attributed),
+                e.received_at.isoformat() if e.received_at else "",
+                event_encoder.encode(e),
+            )
+            for e in events
+        ]
+
+        def work(conn: sqlite3.Connection) -> list[StoreResult]:
+            results: list[StoreResult] = []
+            for row in rows:
+                cur = conn.execute(
+                    "INSERT INTO events (event_id, partner, dedupe_key, kind, attributed,"
+                    " received_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (partner, dedupe_key) DO NOTHING",
+                    row,
+                )
+                if cur.rowcount == 1:
+                    results.append(StoreResult(stored=True, event_id=row[0]))
+                else:
+                    (existing,) = conn.execute(
+                        "SELECT event_id FROM events WHERE partner = ? AND dedupe_key = ?",
+                        (row[1], row[2]),
+                    ).fetchone()
+                    results.append(StoreResult(stored=False, event_id=existing))
+            return results
+
+        return await self._db.transaction(work)
+
+    async def events(self, partner: str | None = None, limit: int = 50) -> list[AttributionEvent]:
+        def work(conn: sqlite3.Connection) -> list[bytes]:
+            if partner is None:
+                cur = conn.execute("SELECT body FROM events ORDER BY seq DESC LIMIT ?", (limit,))
+            else:
+                cur = conn.execute(
+                    "SELECT body FROM events WHERE partner = ? ORDER BY seq DESC LIMIT ?",
+                    (partner, limit),
+                )
+            return [row[0] for row in cur.fetchall()]
+
+        return [event_decoder.decode(body) for body in await self._run(work)]
+
+    async def count(self, partner: str | None = None) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            if partner is None:
+                row = conn.execute("SELECT count(*) FROM events").fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT count(*) FROM events WHERE partner = ?", (partner,)
+                ).fetchone()
+            return int(row[0])
+
+        return await self._run(work)
+
+    async def add_key(self, record: KeyRecord, key_hash: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO api_keys (key_id, partner, key_hash, hint, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    record.key_id,
+                    record.partner,
+                    key_hash,
+                    record.hint,
+                    record.created_at.isoformat(),
+                ),
+            )
+
+        await self._run(work)
+
+    async def active_key_hashes(self, partner: str) -> list[tuple[str, str]]:
+        def work(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            cur = conn.execute(
+                "SELECT key_id, key_hash FROM api_keys WHERE partner = ? AND revoked_at IS NULL",
+                (partner,),
+            )
+            return [(str(a), str(b)) for a, b in cur.fetchall()]
+
+        return await self._run(work)
+
+    async def keys(self, partner: str | None = None) -> list[KeyRecord]:
+        def work(conn: sqlite3.Connection) -> list[KeyRecord]:
+            sql = "SELECT key_id, partner, hint, created_at, revoked_at, last_used_at FROM api_keys"
+            args: tuple[str, ...] = ()
+            if partner is not None:
+                sql += " WHERE partner = ?"
+                args = (partner,)
+            cur = conn.execute(sql + " ORDER BY created_at, key_id", args)
+            return [
+                KeyRecord(
+                    key_id=r[0],
+                    partner=r[1],
+                    hint=r[2],
+                    created_at=datetime.fromisoformat(r[3]),
+                    revoked_at=datetime.fromisoformat(r[4]) if r[4] else None,
+                    last_used_at=datetime.fromisoformat(r[5]) if r[5] else None,
+                )
+                for r in cur.fetchall()
+            ]
+
+        return await self._run(work)
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (at.isoformat(), key_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._run(work)

@@ -1,0 +1,1 @@
+"""Partner plugins shipped with the gateway, one folder per partner."""

@@ -1,0 +1,118 @@
+"""Kochava postback fields → the common attribution event. The table is in README.md."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from gateway import AttributionEvent, MappingError
+from gateway.events import EventKind
+from gateway.normalise import device_id, flag, number, pick, text, timestamp
+
+ORGANIC_NETWORKS = frozenset({"unattributed", "organic", "none"})
+REENGAGEMENT_TYPES = frozenset({"reengagement", "re-engagement", "reattribution", "retargeting"})
+INSTALL_EVENT_NAMES = frozenset({"_install", "install"})
+
+# Keys under which the Braze id arrives inside an identity link, compared without case, "_" or
+# "-": braze_id, brazeId, braze, braze_user_id, braze_device_id, appboy_id, appboyUserID.
+BRAZE_ALIASES = ("brazeid", "braze", "brazeuserid", "brazedeviceid", "appboyid", "appboyuserid")
+EXTERNAL_ID_ALIASES = ("externalid", "userid", "customerid")
+
+
+def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
+    kind = _kind(payload)
+    event_name = text(pick(payload, "event_name"), "event_name")
+    if kind == "event" and event_name is None:
+        raise MappingError("event_name", "required: name the in-app event or the install")
+    if kind in ("install", "reinstall") or (event_name or "").lower() in INSTALL_EVENT_NAMES:
+        event_name = kind
+    network = text(pick(payload, "network_name", "network"), "network_name")
+    install_time = timestamp(pick(payload, "install_time", "install_date"), "install_time")
+    event_time = timestamp(pick(payload, "event_time", "event_date"), "event_time")
+    identity = _identity_link(payload.get("identity_link"))
+
+    return AttributionEvent(
+        kind=kind,
+        event_name=event_name or kind,
+        attributed=_attributed(payload, network),
+        source=network,
+        source_id=device_id(pick(payload, "network_id"), "network_id"),
+        campaign=text(pick(payload, "campaign_name", "campaign_id"), "campaign_name"),
+        campaign_id=device_id(pick(payload, "campaign_id"), "campaign_id"),
+        adgroup=text(pick(payload, "adgroup_name", "site_id"), "adgroup_name"),
+        adgroup_id=device_id(pick(payload, "adgroup_id", "site_id"), "site_id"),
+        ad=text(pick(payload, "creative_name", "creative_id"), "creative_name"),
+        ad_id=device_id(pick(payload, "creative_id"), "creative_id"),
+        event_time=event_time or install_time,
+        install_time=install_time,
+        touch_time=timestamp(pick(payload, "click_time", "impression_time"), "click_time"),
+        platform=text(pick(payload, "platform", "device_os"), "platform"),
+        app_id=text(
+            pick(payload, "app_bundle_id", "app_package", "app_id", "package_name", "bundle_id"),
+            "app_bundle_id",
+        ),
+        idfa=device_id(pick(payload, "idfa"), "idfa"),
+        idfv=device_id(pick(payload, "idfv"), "idfv"),
+        google_ad_id=device_id(pick(payload, "adid", "gaid", "google_ad_id"), "adid"),
+        android_id=device_id(pick(payload, "android_id"), "android_id"),
+        windows_ad_id=device_id(pick(payload, "waid", "windows_ad_id"), "waid"),
+        partner_device_id=device_id(pick(payload, "kochava_device_id"), "kochava_device_id"),
+        braze_id=device_id(
+            _alias(identity, BRAZE_ALIASES) or pick(payload, "braze_id"), "identity_link.braze_id"
+        ),
+        external_id=device_id(_alias(identity, EXTERNAL_ID_ALIASES), "identity_link.user_id"),
+        revenue=_revenue(payload),
+        currency=text(pick(payload, "currency", "currency_code"), "currency"),
+        country=text(pick(payload, "country", "country_code"), "country"),
+        dedupe_key=text(pick(payload, "transaction_id"), "transaction_id") or "",
+    )
+
+
+def _kind(payload: Mapping[str, Any]) -> EventKind:
+    attribution_type = (text(pick(payload, "attribution_type"), "attribution_type") or "").lower()
+    event_name = (text(pick(payload, "event_name"), "event_name") or "").lower()
+    if attribution_type in REENGAGEMENT_TYPES:
+        return "reengagement"
+    if attribution_type == "reinstall" or event_name == "_reinstall":
+        return "reinstall"
+    if attribution_type == "install" or event_name in INSTALL_EVENT_NAMES:
+        return "install"
+    return "event"
+
+
+def _attributed(payload: Mapping[str, Any], network: str | None) -> bool:
+    """Organic: no network, a network of unattributed/organic/none, or ``attribution`` false."""
+    if network is None or network.casefold() in ORGANIC_NETWORKS:
+        return False
+    return flag(payload.get("attribution"), "attribution") is not False
+
+
+def _identity_link(value: Any) -> Mapping[str, Any]:
+    """The identity link as an object; GET postbacks carry it as JSON text."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = msgspec.json.decode(value)
+        except (msgspec.DecodeError, RecursionError):
+            raise MappingError("identity_link", "expected a JSON object") from None
+    if not isinstance(value, Mapping):
+        raise MappingError("identity_link", "expected a JSON object")
+    return value
+
+
+def _alias(obj: Mapping[str, Any], aliases: tuple[str, ...]) -> Any:
+    folded = {str(k).lower().replace("_", "").replace("-", ""): v for k, v in obj.items()}
+    return pick(folded, *aliases)
+
+
+def _revenue(payload: Mapping[str, Any]) -> Any:
+    if pick(payload, "revenue") is not None:
+        return number(payload["revenue"], "revenue")
+    # event_value is free-form: a number for purchases, JSON or text for other events.
+    try:
+        return number(pick(payload, "event_value"), "event_value")
+    except MappingError:
+        return None
