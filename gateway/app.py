@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, route
+from litestar.params import FromPath
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
@@ -49,7 +50,7 @@ def gateway_of(request: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
 # -- the postback route -------------------------------------------------------------------------
 
 
-async def postback(request: Request[Any, Any, Any], partner: str) -> Response[bytes]:
+async def postback(request: Request[Any, Any, Any], partner: FromPath[str]) -> Response[bytes]:
     started = time.perf_counter()
     gw = gateway_of(request)
     outcome, status_code = "error", 500
@@ -133,7 +134,9 @@ async def list_partners(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 
 @get("/partners/{partner:str}/status", guards=[admin_guard])
-async def get_partner_status(request: Request[Any, Any, Any], partner: str) -> Response[bytes]:
+async def get_partner_status(
+    request: Request[Any, Any, Any], partner: FromPath[str]
+) -> Response[bytes]:
     gw = gateway_of(request)
     if partner not in gw.partners:
         raise NotFound(f"unknown partner {partner!r}")
