@@ -11,11 +11,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, route
-from litestar.params import FromPath
 from litestar.connection import ASGIConnection
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, InternalServerException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath
 
 from gateway.body import PayloadTooLarge
 from gateway.config import Config, admin_token, load_config
@@ -62,6 +62,8 @@ async def postback(request: Request[Any, Any, Any], partner: FromPath[str]) -> R
             raise PayloadTooLarge(
                 f"body larger than {gw.config.limits.max_body_bytes} bytes"
             ) from None
+        except InternalServerException:  # the client went away mid-body; nobody to answer
+            raise BadRequest("client disconnected before sending the whole body") from None
         answer = await gw.postback(
             loaded, request.scope.get("query_string", b""), request.headers, body
         )
@@ -150,7 +152,8 @@ async def list_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     raw_limit = request.query_params.get("limit") or "50"
     if partner is not None and partner not in gw.partners:
         raise NotFound(f"unknown partner {partner!r}")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_EVENTS_LIMIT:
+    digits = raw_limit.isascii() and raw_limit.isdigit()  # "²".isdigit() is true as well
+    if not digits or not 1 <= int(raw_limit) <= MAX_EVENTS_LIMIT:
         raise BadRequest(f"limit must be a whole number from 1 to {MAX_EVENTS_LIMIT}")
     events = await gw.storage.events(partner, int(raw_limit))
     return json_response({"events": events})

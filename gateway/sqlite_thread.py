@@ -44,13 +44,14 @@ class SQLiteThread:
     async def close(self) -> None:
         if self._pool is None:
             return
-        await self.run(self._close_conn)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._close_conn)
         self._pool.shutdown(wait=True)
         self._pool = None
 
-    def _close_conn(self, conn: sqlite3.Connection) -> None:
-        conn.close()
-        self._conn = None
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -71,7 +72,7 @@ class SQLiteThread:
         def call() -> T:
             try:
                 return work(self._connect())
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # OSError: the folder cannot be made
                 raise self.error(f"{self.path.name}: {exc}") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)

@@ -1,1 +1,311 @@
-"""PostgreSQL storage (placeholder until implemented)."""
+"""PostgreSQL storage: for production, and for several gateway processes on several hosts.
+
+Same tables and the same behaviour as the SQLite backend. Connections come from one
+``psycopg_pool.AsyncConnectionPool`` per process, opened in :meth:`PostgresStorage.open`. The
+schema is created on open, under an advisory lock so processes starting together do not race.
+
+Idempotency rests on the unique index on ``(partner, dedupe_key)``: ``INSERT … ON CONFLICT DO
+NOTHING`` waits for a concurrent insert of the same key to commit (or roll back), and at READ
+COMMITTED the following ``SELECT`` takes a new snapshot, so it sees that committed row. Every
+psycopg error, socket error and pool timeout becomes :class:`~gateway.errors.StorageUnavailable`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.errors import StorageUnavailable
+from gateway.events import AttributionEvent, event_decoder, event_encoder
+from gateway.storage import KeyRecord, StoreResult
+
+#: Key of the transaction-level advisory lock held while the schema is created.
+SCHEMA_LOCK = 0x6761_7465_7761_7901  # "gatewa" "y\x01"
+
+SCHEMA: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS events (
+        seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        event_id    text NOT NULL UNIQUE,
+        partner     text NOT NULL,
+        dedupe_key  text NOT NULL,
+        kind        text NOT NULL,
+        attributed  boolean NOT NULL,
+        received_at timestamptz,
+        body        bytea NOT NULL,
+        UNIQUE (partner, dedupe_key)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS events_by_partner ON events (partner, seq)",
+    """
+    CREATE TABLE IF NOT EXISTS api_keys (
+        key_id       text PRIMARY KEY,
+        partner      text NOT NULL,
+        key_hash     text NOT NULL UNIQUE,
+        hint         text NOT NULL,
+        created_at   timestamptz NOT NULL,
+        revoked_at   timestamptz,
+        last_used_at timestamptz
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS api_keys_by_partner ON api_keys (partner)",
+)
+
+INSERT_EVENT = (
+    "INSERT INTO events (event_id, partner, dedupe_key, kind, attributed, received_at, body)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (partner, dedupe_key) DO NOTHING"
+    " RETURNING event_id"
+)
+SELECT_EXISTING = "SELECT event_id FROM events WHERE partner = %s AND dedupe_key = %s"
+
+# Transaction-level advisory locks, taken in the order of the (sorted) array.
+LOCK_KEYS = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
+
+Connection = AsyncConnection[TupleRow]
+
+
+def _lock_id(partner: str, dedupe_key: str) -> int:
+    """A stable 64-bit advisory lock id for one dedupe key (a collision only serialises more)."""
+    text = f"{partner}\x00{dedupe_key}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big", signed=True)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.astimezone(UTC) if value is not None else None
+
+
+async def _configure(conn: Connection) -> None:
+    # Read timestamptz back in UTC; a naive datetime written is taken as UTC.
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+class PostgresStorage:
+    """Storage in PostgreSQL at ``url`` (``postgresql://user@host:port/dbname?…``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+        acquire_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self.acquire_timeout = acquire_timeout
+        self._pool: AsyncConnectionPool[Connection] | None = None
+        self._where = _describe(url)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the schema and open the pool; StorageUnavailable if the server cannot be used."""
+        if self._pool is not None:
+            return
+        try:
+            kwargs = self._connect_kwargs()
+            # One plain connection first: it fails fast, with the server's own reason (refused,
+            # no such database, authentication), where the pool would retry until its timeout.
+            conn = await AsyncConnection.connect(self.url, **kwargs)
+            async with conn:
+                await _configure(conn)
+                await self._create_schema(conn)
+            pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+                self.url,
+                kwargs=kwargs,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                open=False,
+                configure=_configure,
+                check=AsyncConnectionPool.check_connection,
+                timeout=self.acquire_timeout,
+                name="gateway-storage",
+            )
+            try:
+                await pool.open(wait=True, timeout=self.connect_timeout)
+            except BaseException:
+                await pool.close()
+                raise
+        except (psycopg.Error, OSError) as exc:
+            raise StorageUnavailable(
+                f"cannot use PostgreSQL at {self._where}: {_oneline(exc)}"
+            ) from exc
+        self._pool = pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await pool.close()
+        except (psycopg.Error, OSError) as exc:
+            raise StorageUnavailable(f"PostgreSQL at {self._where}: {_oneline(exc)}") from exc
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.execute("SELECT 1")
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout" not in conninfo_to_dict(self.url):
+            kwargs["connect_timeout"] = max(1, round(self.connect_timeout))
+        return kwargs
+
+    @staticmethod
+    async def _create_schema(conn: Connection) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            for statement in SCHEMA:
+                await conn.execute(statement)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection (autocommit); psycopg and socket errors become StorageUnavailable."""
+        pool = self._pool
+        if pool is None:
+            raise StorageUnavailable(f"PostgreSQL storage at {self._where} is not open")
+        try:
+            async with pool.connection() as conn:
+                yield conn
+        except (psycopg.Error, OSError) as exc:
+            raise StorageUnavailable(f"PostgreSQL at {self._where}: {_oneline(exc)}") from exc
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def store(self, events: Sequence[AttributionEvent]) -> list[StoreResult]:
+        rows = [
+            (
+                e.event_id,
+                e.partner,
+                e.dedupe_key,
+                e.kind,
+                e.attributed,
+                e.received_at,
+                event_encoder.encode(e),
+            )
+            for e in events
+        ]
+        async with self._connection() as conn, conn.transaction():
+            if len({(row[1], row[2]) for row in rows}) > 1:
+                # Lock the batch's dedupe keys in one global order before inserting any, so two
+                # batches sharing keys in different orders queue instead of deadlocking.
+                await conn.execute(LOCK_KEYS, (sorted({_lock_id(r[1], r[2]) for r in rows}),))
+            results: list[StoreResult] = []
+            for row in rows:
+                cur = await conn.execute(INSERT_EVENT, row)
+                inserted = await cur.fetchone()
+                if inserted is not None:
+                    results.append(StoreResult(stored=True, event_id=inserted[0]))
+                    continue
+                # The conflicting row is ours (earlier in this batch) or committed by now: the
+                # INSERT waited for its transaction, and this statement takes a new snapshot.
+                cur = await conn.execute(SELECT_EXISTING, (row[1], row[2]))
+                existing = await cur.fetchone()
+                if existing is None:  # pragma: no cover - rows are never deleted
+                    raise StorageUnavailable(f"dedupe key {row[2]!r} conflicted but is not there")
+                results.append(StoreResult(stored=False, event_id=existing[0]))
+        return results
+
+    async def events(self, partner: str | None = None, limit: int = 50) -> list[AttributionEvent]:
+        # A negative limit means no limit, as in SQLite (LIMIT NULL is LIMIT ALL).
+        sql_limit = limit if limit >= 0 else None
+        async with self._connection() as conn:
+            if partner is None:
+                cur = await conn.execute(
+                    "SELECT body FROM events ORDER BY seq DESC LIMIT %s", (sql_limit,)
+                )
+            else:
+                cur = await conn.execute(
+                    "SELECT body FROM events WHERE partner = %s ORDER BY seq DESC LIMIT %s",
+                    (partner, sql_limit),
+                )
+            bodies = [row[0] for row in await cur.fetchall()]
+        return [event_decoder.decode(body) for body in bodies]
+
+    async def count(self, partner: str | None = None) -> int:
+        async with self._connection() as conn:
+            if partner is None:
+                cur = await conn.execute("SELECT count(*) FROM events")
+            else:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM events WHERE partner = %s", (partner,)
+                )
+            row = await cur.fetchone()
+        return int(row[0]) if row is not None else 0
+
+    # -- API keys ------------------------------------------------------------------------------
+
+    async def add_key(self, record: KeyRecord, key_hash: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO api_keys (key_id, partner, key_hash, hint, created_at)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (record.key_id, record.partner, key_hash, record.hint, record.created_at),
+            )
+
+    async def active_key_hashes(self, partner: str) -> list[tuple[str, str]]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT key_id, key_hash FROM api_keys WHERE partner = %s AND revoked_at IS NULL",
+                (partner,),
+            )
+            rows = await cur.fetchall()
+        return [(str(a), str(b)) for a, b in rows]
+
+    async def keys(self, partner: str | None = None) -> list[KeyRecord]:
+        sql = "SELECT key_id, partner, hint, created_at, revoked_at, last_used_at FROM api_keys"
+        args: tuple[str, ...] = ()
+        if partner is not None:
+            sql += " WHERE partner = %s"
+            args = (partner,)
+        async with self._connection() as conn:
+            cur = await conn.execute(sql + " ORDER BY created_at, key_id", args)
+            rows = await cur.fetchall()
+        return [
+            KeyRecord(
+                key_id=r[0],
+                partner=r[1],
+                hint=r[2],
+                created_at=r[3].astimezone(UTC),
+                revoked_at=_utc(r[4]),
+                last_used_at=_utc(r[5]),
+            )
+            for r in rows
+        ]
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "UPDATE api_keys SET revoked_at = %s WHERE key_id = %s AND revoked_at IS NULL",
+                (at, key_id),
+            )
+            return cur.rowcount == 1
+
+
+def _oneline(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _describe(url: str) -> str:
+    """host:port/dbname of a connection URL, for messages (never the password)."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "<invalid URL>"
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    dbname = params.get("dbname") or params.get("user") or ""
+    return f"{host}:{port}/{dbname}"
