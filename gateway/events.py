@@ -85,6 +85,15 @@ class AttributionEvent(msgspec.Struct, kw_only=True):
     raw: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+def _enc_hook(obj: Any) -> Any:
+    """Subclasses of datetime (freezegun's FakeDatetime, pendulum, …) that msgspec refuses:
+    encoded as msgspec encodes a datetime (RFC 3339, ``Z`` for UTC)."""
+    if isinstance(obj, datetime):
+        text = obj.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    raise NotImplementedError(f"cannot encode objects of type {type(obj).__name__}")
+
+
 # Revenue goes out as a JSON number, not a string.
-event_encoder = msgspec.json.Encoder(decimal_format="number")
+event_encoder = msgspec.json.Encoder(decimal_format="number", enc_hook=_enc_hook)
 event_decoder = msgspec.json.Decoder(AttributionEvent)

@@ -7,6 +7,7 @@ Errors are raised as :class:`~gateway.errors.GatewayError` and answered by the H
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -28,6 +29,9 @@ from gateway.status import StatusStore
 from gateway.storage import Storage
 
 log = logging.getLogger("gateway.postback")
+
+#: Longest a postback waits for the status store before answering without it.
+STATUS_TIMEOUT_S = 0.5
 
 _WORD_BREAK = re.compile(r"[\s_\-/()\[\].:,]")
 
@@ -76,11 +80,12 @@ class Gateway:
                 await check_key(self.storage, name, reader.key_from_body(items))
                 authenticated = True
             payloads = reader.merge(query, items)
-            events = self._map(partner, payloads, batch=len(items) > 1)
+            batch = reader.is_batch(body)
+            events = self._map(partner, payloads, batch=batch)
         except GatewayError as exc:
             await self.count_refusal(name, exc, authenticated)
             raise
-        return await self._filter_and_store(name, events, batch=len(payloads) > 1)
+        return await self._filter_and_store(name, events, batch=batch)
 
     async def count_refusal(self, partner: str, exc: GatewayError, authenticated: bool) -> None:
         if exc.status_code == 401:
@@ -203,8 +208,13 @@ class Gateway:
     async def _record(
         self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
     ) -> None:
-        """Status is bookkeeping: a status-store failure is logged, never answered as an error."""
+        """Status is bookkeeping: a status-store failure is logged, never answered as an error,
+        and a stuck store may not hold the answer past partners' timeouts (Branch waits 2 s)."""
         try:
-            await self.status.record(partner, counts, success_at)
+            await asyncio.wait_for(
+                self.status.record(partner, counts, success_at), STATUS_TIMEOUT_S
+            )
         except StatusUnavailable as exc:
             log.warning("status not recorded for %s: %s", partner, exc.reason)
+        except TimeoutError:
+            log.warning("status for %s not recorded within %ss", partner, STATUS_TIMEOUT_S)
