@@ -80,6 +80,11 @@ def parse_body(body: bytes, content_type: str, max_items: int) -> list[dict[str,
     return [dict(parse_query(stripped))]
 
 
+def is_batch(body: bytes) -> bool:
+    """Whether the body is a JSON array: a batch, answered per item even when it holds one."""
+    return body.removeprefix(b"\xef\xbb\xbf").lstrip(_WHITESPACE)[:1] == b"["
+
+
 def _parse_json(body: bytes, max_items: int) -> list[dict[str, Any]]:
     try:
         data = _json.decode(body)

@@ -144,7 +144,11 @@ def timestamp(value: Any, field: str) -> datetime | None:
     if isinstance(value, bool):
         raise MappingError(field, "expected a time, got a boolean")
     if isinstance(value, int | float):
-        return _from_epoch(float(value), field, value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            raise MappingError(field, f"time out of range: {_show(value)}") from None
+        return _from_epoch(seconds, field, value)
     if not isinstance(value, str):
         raise MappingError(field, f"expected a time, got {_kind(value)}")
     raw = value.strip()
@@ -156,7 +160,11 @@ def timestamp(value: Any, field: str) -> datetime | None:
         parsed = datetime.fromisoformat(raw)
     except ValueError:
         raise MappingError(field, f"unrecognised time format {_show(value)}") from None
-    return _checked(as_utc(parsed), field, value)
+    try:
+        moment = as_utc(parsed)
+    except OverflowError:  # year 1 or 9999 shifted out of range by its offset
+        raise MappingError(field, f"time out of range: {_show(value)}") from None
+    return _checked(moment, field, value)
 
 
 def as_utc(moment: datetime) -> datetime:
