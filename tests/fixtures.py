@@ -31,6 +31,37 @@ REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN_TOKEN = "test-admin-token"
 
 
+# What install_ios_attributed.json must become, whatever way it arrives.
+IOS_FIELDS: dict[str, Any] = {
+    "partner": "kochava",
+    "kind": "install",
+    "event_name": "install",
+    "attributed": True,
+    "source": "FakeNetwork Ads",
+    "source_id": "9999",
+    "campaign": "spring_launch_us",
+    "campaign_id": "kofakeapp-ios-cmp-0001",
+    "adgroup": "pub_123",
+    "adgroup_id": "pub_123",
+    "ad": "banner_320x50_v2",
+    "ad_id": "banner_320x50_v2",
+    "platform": "ios",
+    "app_id": "com.example.fakeapp",
+    "idfa": "11111111-2222-4AAA-8BBB-333333333333",
+    "idfv": "44444444-5555-4CCC-8DDD-666666666666",
+    "google_ad_id": None,
+    "android_id": None,
+    "windows_ad_id": None,
+    "braze_id": None,
+    "external_id": None,
+    "partner_device_id": "KIFAKE00000000000000000000000000000000000001",
+    "revenue": None,
+    "currency": None,
+    "country": "US",
+    "dedupe_key": "fake-txn-0001",
+}
+
+
 def kochava_samples() -> dict[str, bytes]:
     folder = ROOT / "plugins" / "kochava" / "samples"
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.json"))}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from tests.conftest import ADMIN_TOKEN, kochava_samples
+from tests.fixtures import ADMIN_TOKEN, IOS_FIELDS, kochava_samples
 
 SAMPLES = kochava_samples()
 POSTBACK = "/partners/kochava/postback"
@@ -300,34 +300,9 @@ def test_event_json_has_every_field_with_its_type(
 
     assert install_event["event_id"] == installed.json()["event_id"]
     assert {k: v for k, v in install_event.items() if k not in ("event_id", "received_at")} == {
-        "partner": "kochava",
-        "kind": "install",
-        "event_name": "install",
-        "attributed": True,
-        "source": "FakeNetwork Ads",
-        "campaign": "spring_launch_us",
-        "adgroup": "pub_123",
-        "ad": "banner_320x50_v2",
-        "source_id": "9999",
-        "campaign_id": "kofakeapp-ios-cmp-0001",
-        "adgroup_id": "pub_123",
-        "ad_id": "banner_320x50_v2",
+        **IOS_FIELDS,
         "event_time": "2024-05-01T12:04:41Z",
         "install_time": "2024-05-01T12:04:41Z",
         "touch_time": "2024-05-01T12:00:03Z",
-        "platform": "ios",
-        "app_id": "com.example.fakeapp",
-        "idfa": "11111111-2222-4AAA-8BBB-333333333333",
-        "idfv": "44444444-5555-4CCC-8DDD-666666666666",
-        "google_ad_id": None,
-        "android_id": None,
-        "windows_ad_id": None,
-        "braze_id": None,
-        "external_id": None,
-        "partner_device_id": "KIFAKE00000000000000000000000000000000000001",
-        "revenue": None,
-        "currency": None,
-        "country": "US",
-        "dedupe_key": "fake-txn-0001",
         "raw": json.loads(SAMPLES["install_ios_attributed.json"]),
     }

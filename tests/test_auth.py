@@ -22,7 +22,7 @@ from gateway.keys import hash_key
 from gateway.normalise import text, timestamp
 from gateway.plugins import LoadedPartner, load_partners
 from gateway.storage import open_storage
-from tests.conftest import kochava_samples, make_config, new_key
+from tests.fixtures import kochava_samples, make_config, new_key
 
 URL = "/partners/kochava/postback"
 ACME_URL = "/partners/acme/postback"

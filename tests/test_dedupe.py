@@ -14,7 +14,7 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from tests.conftest import ADMIN_TOKEN, LiveGateway, kochava_samples, start_gateway, stop_gateway
+from tests.fixtures import ADMIN_TOKEN, LiveGateway, kochava_samples, start_gateway, stop_gateway
 
 SAMPLES = kochava_samples()
 INSTALL = SAMPLES["install_ios_attributed.json"]

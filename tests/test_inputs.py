@@ -22,7 +22,7 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.config import Config
-from tests.conftest import LiveGateway, kochava_samples, make_config, new_key
+from tests.fixtures import IOS_FIELDS, LiveGateway, kochava_samples, make_config, new_key
 
 URL = "/partners/kochava/postback"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -39,35 +39,6 @@ T = datetime(2024, 5, 1, 12, 4, 41, tzinfo=UTC)
 T_MS = datetime(2024, 5, 1, 12, 4, 41, 123000, tzinfo=UTC)
 EPOCH_S = 1714565081  # 2024-05-01T12:04:41Z
 
-# What install_ios_attributed.json must become, whatever way it arrives.
-IOS_FIELDS: dict[str, Any] = {
-    "partner": "kochava",
-    "kind": "install",
-    "event_name": "install",
-    "attributed": True,
-    "source": "FakeNetwork Ads",
-    "source_id": "9999",
-    "campaign": "spring_launch_us",
-    "campaign_id": "kofakeapp-ios-cmp-0001",
-    "adgroup": "pub_123",
-    "adgroup_id": "pub_123",
-    "ad": "banner_320x50_v2",
-    "ad_id": "banner_320x50_v2",
-    "platform": "ios",
-    "app_id": "com.example.fakeapp",
-    "idfa": "11111111-2222-4AAA-8BBB-333333333333",
-    "idfv": "44444444-5555-4CCC-8DDD-666666666666",
-    "google_ad_id": None,
-    "android_id": None,
-    "windows_ad_id": None,
-    "braze_id": None,
-    "external_id": None,
-    "partner_device_id": "KIFAKE00000000000000000000000000000000000001",
-    "revenue": None,
-    "currency": None,
-    "country": "US",
-    "dedupe_key": "fake-txn-0001",
-}
 IOS_TIMES = {
     "install_time": T,
     "event_time": T,

@@ -22,7 +22,7 @@ from litestar.testing import TestClient
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.status import COUNTERS
-from tests.conftest import (
+from tests.fixtures import (
     REDIS_URL,
     ROOT,
     LiveGateway,
