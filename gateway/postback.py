@@ -22,6 +22,7 @@ from gateway import body as reader
 from gateway.config import Config
 from gateway.errors import GatewayError, MappingError, StatusUnavailable
 from gateway.events import INSTALL_KINDS, AttributionEvent
+from gateway.hookspecs import PartnerSpec
 from gateway.keys import check_key
 from gateway.normalise import finalise, stable_key
 from gateway.plugins import LoadedPartner
@@ -101,12 +102,7 @@ class Gateway:
         out: list[tuple[int, AttributionEvent]] = []
         for index, payload in enumerate(payloads):
             try:
-                mapped = partner.spec.map(payload)
-                events = [mapped] if isinstance(mapped, AttributionEvent) else list(mapped)
-                for n, event in enumerate(events):
-                    if not isinstance(event, AttributionEvent):
-                        raise TypeError(f"mapping returned {type(event).__name__}")
-                    out.append((index, self._complete(partner, event, payload, n, received_at)))
+                out.extend((index, e) for e in map_payload(partner.spec, payload, received_at))
             except MappingError as exc:
                 if batch:
                     field = f"[{index}].{exc.field}"
@@ -118,27 +114,6 @@ class Gateway:
                 where = f"[{index}]" if batch else "payload"
                 raise MappingError(where, f"could not be mapped ({type(exc).__name__})") from exc
         return out
-
-    def _complete(
-        self,
-        partner: LoadedPartner,
-        event: AttributionEvent,
-        payload: dict[str, Any],
-        n: int,
-        received_at: datetime,
-    ) -> AttributionEvent:
-        event = finalise(event)
-        dedupe_key = event.dedupe_key or stable_key(payload)
-        if n and not event.dedupe_key:
-            dedupe_key = f"{dedupe_key}:{n}"
-        return msgspec.structs.replace(
-            event,
-            partner=partner.spec.name,
-            event_id=uuid.uuid4().hex,
-            received_at=received_at,
-            raw=payload,
-            dedupe_key=dedupe_key,
-        )
 
     def restricted(self, source: str | None) -> bool:
         """Whether ``source`` is a restricted network: an entry of ``restricted_networks``
@@ -218,3 +193,33 @@ class Gateway:
             log.warning("status not recorded for %s: %s", partner, exc.reason)
         except TimeoutError:
             log.warning("status for %s not recorded within %ss", partner, STATUS_TIMEOUT_S)
+
+
+def map_payload(
+    spec: PartnerSpec, payload: dict[str, Any], received_at: datetime | None = None
+) -> list[AttributionEvent]:
+    """The partner's mapping of one payload, completed by the core: normalised (§5), with its
+    partner, a new event id, the receive time, the raw payload and a dedupe key (the plugin's, or
+    a hash of the payload). Raises what the mapping raises; TypeError for a wrong return type."""
+    mapped = spec.map(payload)
+    events = [mapped] if isinstance(mapped, AttributionEvent) else list(mapped)
+    received_at = received_at or datetime.now(UTC)
+    out = []
+    for n, event in enumerate(events):
+        if not isinstance(event, AttributionEvent):
+            raise TypeError(f"mapping returned {type(event).__name__}, not AttributionEvent")
+        event = finalise(event)
+        dedupe_key = event.dedupe_key or stable_key(payload)
+        if n and not event.dedupe_key:
+            dedupe_key = f"{dedupe_key}:{n}"
+        out.append(
+            msgspec.structs.replace(
+                event,
+                partner=spec.name,
+                event_id=uuid.uuid4().hex,
+                received_at=received_at,
+                raw=payload,
+                dedupe_key=dedupe_key,
+            )
+        )
+    return out
