@@ -12,9 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.config import Config, ConfigError, admin_token, load_config
+from gateway.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    admin_token,
+    config_path,
+    load_config,
+)
 from gateway.keys import create_key, mask
 from gateway.plugins import PluginError, load_partners
+from gateway.scaffold import ScaffoldError, enable_in_config, render_partner
 from gateway.status import COUNTERS, open_status
 from gateway.storage import Storage, open_storage
 
@@ -41,6 +49,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     revoke.add_argument("key_id")
 
     sub.add_parser("status", help="connection status and counters per partner")
+    sub.add_parser("plugins", help="loaded partners with their source and version")
+
+    new = sub.add_parser("new-partner", help="render plugins/_template into a new partner")
+    new.add_argument("name", help="partner name: the URL segment and config key")
+    new.add_argument(
+        "--external",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/gateway-NAME/, a distribution of its own, instead of plugins/NAME/",
+    )
+    new.add_argument("--enable", action="store_true", help="enable it in the config file")
+
+    conformance = sub.add_parser("conformance", help="run the conformance kit on partners")
+    conformance.add_argument("partners", nargs="*", help="partner names (default: all loaded)")
 
     args = parser.parse_args(argv)
     if args.config is not None:
@@ -51,8 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_command(config, args.host, args.port, args.workers)
         if args.command == "keys":
             return keys_command(config, args)
+        if args.command == "plugins":
+            return plugins_command(config)
+        if args.command == "new-partner":
+            return new_partner_command(args.name, args.external, args.enable)
+        if args.command == "conformance":
+            return conformance_command(args.partners)
         return status_command(config)
-    except (ConfigError, PluginError) as exc:
+    except (ConfigError, PluginError, ScaffoldError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
 
@@ -158,6 +186,60 @@ def status_command(config: Config) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def plugins_command(config: Config) -> int:
+    partners = load_partners()
+    print(f"{'partner':<14} {'enabled':<8} {'methods':<10} {'source':<24} version")
+    for name, loaded in sorted(partners.items()):
+        enabled = "yes" if config.partner_enabled(name) else "no"
+        methods = ",".join(loaded.spec.methods)
+        print(f"{name:<14} {enabled:<8} {methods:<10} {loaded.source:<24} {loaded.version}")
+    return 0
+
+
+def new_partner_command(name: str, external: Path | None, enable: bool) -> int:
+    root = render_partner(name, external)
+    print(f"Created partner {name!r} in {root}.")
+    if external is None:
+        module = name.replace("-", "_")
+        print(
+            f"Edit plugins/{module}/mapping.py and its samples; the README there walks through it."
+        )
+    else:
+        print(f"Install it with `pip install -e {root}` and load it with GATEWAY_PLUGINS={name}.")
+    if enable:
+        path = config_path() or DEFAULT_CONFIG_PATH
+        if enable_in_config(path, name):
+            print(f"Enabled it in {path}.")
+        else:
+            print(f"{path} already has [partners.{name}]; left as it is.")
+    else:
+        print(f"Enable it with [partners.{name}] enabled = true in the config file.")
+    print(f"Check it with `gateway conformance {name}`.")
+    return 0
+
+
+def conformance_command(names: Sequence[str]) -> int:
+    from gateway.conformance import CHECKS, BrokenPromise
+
+    partners = load_partners()
+    unknown = [n for n in names if n not in partners]
+    if unknown:
+        print(f"gateway: unknown partner(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    failed = 0
+    for name in names or sorted(partners):
+        for promise, check in CHECKS.items():
+            try:
+                check(partners[name])
+            except BrokenPromise as exc:
+                failed += 1
+                print(f"FAIL {name} {promise}: {exc}")
+            else:
+                print(f"ok   {name} {promise}")
+    print(f"{failed} broken promise(s)" if failed else "all promises kept")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

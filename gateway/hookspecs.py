@@ -32,7 +32,9 @@ class PartnerSpec(msgspec.Struct, frozen=True, kw_only=True):
     ``name`` is the URL segment (``/partners/<name>/postback``) and the config key; lower case
     letters, digits, ``-`` and ``_``. ``map`` turns a payload into events and raises
     :class:`gateway.errors.MappingError` for unusable input. ``methods`` are the HTTP methods the
-    partner sends postbacks with.
+    partner sends postbacks with. ``samples`` is the folder of the partner's sample postbacks
+    (``*.json`` bodies sent by POST, ``*.query`` query strings sent by GET; a file whose name
+    contains ``organic`` must map to an organic event): the conformance kit runs on them.
     """
 
     name: str
@@ -40,6 +42,7 @@ class PartnerSpec(msgspec.Struct, frozen=True, kw_only=True):
     display_name: str = ""
     methods: tuple[str, ...] = ("GET", "POST")
     docs_url: str = ""
+    samples: str = ""
 
 
 @hookspec

@@ -1,6 +1,8 @@
 """Loading partner plugins: the built-in partners, then allowed third-party distributions.
 
-Built-in partners are plugins like any other, listed by module path in :data:`BUILTIN_PLUGINS`.
+Built-in partners are plugins like any other: every package in the ``plugins`` folder whose
+name does not start with ``_`` (so ``plugins/_template`` is not one), found by
+:func:`builtin_plugins`.
 Third-party distributions add partners through the ``gateway_partners`` entry-point group; only
 the entry points named in ``GATEWAY_PLUGINS`` (comma-separated; empty means none) are loaded, so a
 stray installed package never changes what the gateway accepts.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 import re
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -20,11 +23,10 @@ import pluggy
 from gateway import hookspecs
 from gateway.hookspecs import PartnerSpec
 
-BUILTIN_PLUGINS: tuple[str, ...] = ("plugins.kochava",)
 ENTRY_POINT_GROUP = "gateway_partners"
 ALLOW_ENV = "GATEWAY_PLUGINS"
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+PARTNER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class PluginError(Exception):
@@ -42,8 +44,19 @@ def allowed_external(env: Mapping[str, str] | None = None) -> frozenset[str]:
     return frozenset(name.strip() for name in raw.split(",") if name.strip())
 
 
+def builtin_plugins() -> tuple[str, ...]:
+    """Module paths of the partner packages shipped in the ``plugins`` folder."""
+    import plugins
+
+    return tuple(
+        f"plugins.{info.name}"
+        for info in sorted(pkgutil.iter_modules(plugins.__path__), key=lambda i: i.name)
+        if info.ispkg and not info.name.startswith("_")
+    )
+
+
 def load_partners(
-    builtins: Iterable[str] = BUILTIN_PLUGINS,
+    builtins: Iterable[str] | None = None,
     allow: Iterable[str] | None = None,
 ) -> dict[str, LoadedPartner]:
     """Load every plugin and return the partners they register, by name.
@@ -56,7 +69,7 @@ def load_partners(
     sources: dict[str, tuple[str, str]] = {}
     own_version = _version("attribution-gateway")
 
-    for module_path in builtins:
+    for module_path in builtin_plugins() if builtins is None else builtins:
         module = importlib.import_module(module_path)
         pm.register(module, name=module_path)
         sources[module_path] = ("built-in", own_version)
@@ -91,7 +104,7 @@ def load_partners(
         def register(spec: PartnerSpec, _src: str = source, _ver: str = version) -> None:
             if not isinstance(spec, PartnerSpec):
                 raise PluginError(f"{_src}: register() takes a PartnerSpec, got {spec!r}")
-            if not _NAME.match(spec.name):
+            if not PARTNER_NAME.match(spec.name):
                 raise PluginError(f"{_src}: invalid partner name {spec.name!r}")
             if spec.name in partners:
                 other = partners[spec.name].source

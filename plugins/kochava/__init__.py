@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from gateway import PartnerSpec, hookimpl
 from plugins.kochava.mapping import map_postback
@@ -17,5 +18,6 @@ def register_partners(register: Callable[[PartnerSpec], None]) -> None:
             map=map_postback,
             methods=("GET", "POST"),
             docs_url="https://support.kochava.com/",
+            samples=str(Path(__file__).parent / "samples"),
         )
     )
