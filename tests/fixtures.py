@@ -93,6 +93,13 @@ def new_key(config: Config, partner: str = "kochava") -> str:
     return asyncio.run(run())
 
 
+@pytest.fixture(autouse=True)
+def no_external_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never load third-party partners that happen to be installed: only those a test
+    allows itself."""
+    monkeypatch.delenv("GATEWAY_PLUGINS", raising=False)
+
+
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A private key prefix on the real Redis server, deleted afterwards."""

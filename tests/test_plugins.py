@@ -75,7 +75,7 @@ def test_invalid_partner_names_fail(temp_modules: list[str], name: str) -> None:
         load_partners(builtins=("acme_badname",), allow=())
 
 
-def test_a_plugin_may_register_several_partners(temp_modules: list[str]) -> None:
+def test_hook_register_partners(temp_modules: list[str]) -> None:
     specs = [PartnerSpec(name=n, map=_mapper) for n in ("acme", "acme-eu")]
     temp_modules.append(_module("acme_multi", register_partners=_registering(*specs)))
     partners = load_partners(builtins=("acme_multi",), allow=())
