@@ -53,6 +53,32 @@ def pick(payload: Mapping[str, Any], *paths: str) -> Any:
     return None
 
 
+def pick_loose(obj: Mapping[str, Any], *names: str) -> Any:
+    """Like :func:`pick` on one level, comparing keys without case, ``_`` or ``-``: partners spell
+    the same field ``braze_id``, ``brazeId`` and ``Braze-ID``."""
+    folded = {_fold(str(k)): v for k, v in obj.items()}
+    return pick(folded, *(_fold(n) for n in names))
+
+
+def _fold(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def json_object(value: Any, field: str) -> Mapping[str, Any]:
+    """A nested object that partners send either as JSON or as JSON text inside a string (GET
+    postbacks, AppsFlyer's ``custom_data`` and ``event_value``). Blank is an empty object."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = msgspec.json.decode(value)
+        except (msgspec.DecodeError, RecursionError):
+            raise MappingError(field, "expected a JSON object") from None
+    if not isinstance(value, Mapping):
+        raise MappingError(field, f"expected a JSON object, got {_kind(value)}")
+    return value
+
+
 def text(value: Any, field: str) -> str | None:
     """A text value: stripped; empty, null and unfilled macros become None.
 

@@ -18,8 +18,10 @@ from gateway.normalise import (
     device_id,
     finalise,
     flag,
+    json_object,
     number,
     pick,
+    pick_loose,
     stable_key,
     text,
     timestamp,
@@ -582,3 +584,33 @@ def test_helpers_never_return_nan() -> None:
     for fn in (timestamp, number, text, device_id, flag):
         with pytest.raises(MappingError):
             fn(math.nan, "f")
+
+
+# -- pick_loose, json_object -------------------------------------------------------------------
+
+
+def test_pick_loose_ignores_case_underscores_and_hyphens() -> None:
+    obj = {"brazeId": "a", "Braze-User-ID": "b", "blank": " "}
+    assert pick_loose(obj, "braze_id") == "a"
+    assert pick_loose(obj, "braze_user_id") == "b"
+    assert pick_loose(obj, "blank", "missing") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"a": 1}, {"a": 1}),
+        ('{"a": {"b": 2}}', {"a": {"b": 2}}),
+        ("", {}),
+        (None, {}),
+    ],
+)
+def test_json_object_takes_objects_and_json_text(value: Any, expected: dict[str, Any]) -> None:
+    assert json_object(value, "custom_data") == expected
+
+
+@pytest.mark.parametrize("value", ["not json", "[1, 2]", "3", [1], 5, "[" * 5000])
+def test_json_object_refuses_anything_else_naming_the_field(value: Any) -> None:
+    with pytest.raises(MappingError) as err:
+        json_object(value, "custom_data")
+    assert err.value.field == "custom_data"

@@ -5,20 +5,34 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
-
 from gateway import AttributionEvent, MappingError
 from gateway.events import EventKind
-from gateway.normalise import device_id, flag, number, pick, text, timestamp
+from gateway.normalise import (
+    device_id,
+    flag,
+    json_object,
+    number,
+    pick,
+    pick_loose,
+    text,
+    timestamp,
+)
 
 ORGANIC_NETWORKS = frozenset({"unattributed", "organic", "none"})
 REENGAGEMENT_TYPES = frozenset({"reengagement", "re-engagement", "reattribution", "retargeting"})
 INSTALL_EVENT_NAMES = frozenset({"_install", "install"})
 
-# Keys under which the Braze id arrives inside an identity link, compared without case, "_" or
-# "-": braze_id, brazeId, braze, braze_user_id, braze_device_id, appboy_id, appboyUserID.
-BRAZE_ALIASES = ("brazeid", "braze", "brazeuserid", "brazedeviceid", "appboyid", "appboyuserid")
-EXTERNAL_ID_ALIASES = ("externalid", "userid", "customerid")
+# Keys under which the Braze id arrives inside an identity link (compared without case, "_" or
+# "-", so brazeId and Braze_User_ID match too).
+BRAZE_ALIASES = (
+    "braze_id",
+    "braze",
+    "braze_user_id",
+    "braze_device_id",
+    "appboy_id",
+    "appboy_user_id",
+)
+EXTERNAL_ID_ALIASES = ("external_id", "user_id", "customer_id")
 
 
 def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
@@ -31,7 +45,7 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
     network = text(pick(payload, "network_name", "network"), "network_name")
     install_time = timestamp(pick(payload, "install_time", "install_date"), "install_time")
     event_time = timestamp(pick(payload, "event_time", "event_date"), "event_time")
-    identity = _identity_link(payload.get("identity_link"))
+    identity = json_object(payload.get("identity_link"), "identity_link")
 
     return AttributionEvent(
         kind=kind,
@@ -60,9 +74,10 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
         windows_ad_id=device_id(pick(payload, "waid", "windows_ad_id"), "waid"),
         partner_device_id=device_id(pick(payload, "kochava_device_id"), "kochava_device_id"),
         braze_id=device_id(
-            _alias(identity, BRAZE_ALIASES) or pick(payload, "braze_id"), "identity_link.braze_id"
+            pick_loose(identity, *BRAZE_ALIASES) or pick(payload, "braze_id"),
+            "identity_link.braze_id",
         ),
-        external_id=device_id(_alias(identity, EXTERNAL_ID_ALIASES), "identity_link.user_id"),
+        external_id=device_id(pick_loose(identity, *EXTERNAL_ID_ALIASES), "identity_link.user_id"),
         revenue=_revenue(payload),
         currency=text(pick(payload, "currency", "currency_code"), "currency"),
         country=text(pick(payload, "country", "country_code"), "country"),
@@ -87,25 +102,6 @@ def _attributed(payload: Mapping[str, Any], network: str | None) -> bool:
     if network is None or network.casefold() in ORGANIC_NETWORKS:
         return False
     return flag(payload.get("attribution"), "attribution") is not False
-
-
-def _identity_link(value: Any) -> Mapping[str, Any]:
-    """The identity link as an object; GET postbacks carry it as JSON text."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = msgspec.json.decode(value)
-        except (msgspec.DecodeError, RecursionError):
-            raise MappingError("identity_link", "expected a JSON object") from None
-    if not isinstance(value, Mapping):
-        raise MappingError("identity_link", "expected a JSON object")
-    return value
-
-
-def _alias(obj: Mapping[str, Any], aliases: tuple[str, ...]) -> Any:
-    folded = {str(k).lower().replace("_", "").replace("-", ""): v for k, v in obj.items()}
-    return pick(folded, *aliases)
 
 
 def _revenue(payload: Mapping[str, Any]) -> Any:
