@@ -26,7 +26,7 @@ from gateway.hookspecs import PartnerSpec
 ENTRY_POINT_GROUP = "gateway_partners"
 ALLOW_ENV = "GATEWAY_PLUGINS"
 
-PARTNER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+PARTNER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")  # \Z: "$" would let "acme\n" through
 
 
 class PluginError(Exception):

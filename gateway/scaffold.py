@@ -88,5 +88,6 @@ def enable_in_config(config_file: Path, name: str) -> bool:
     if re.search(rf"^\[partners\.{re.escape(name)}\]", text, re.MULTILINE):
         return False
     sep = "" if not text or text.endswith("\n") else "\n"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(f"{text}{sep}\n[partners.{name}]\nenabled = true\n", encoding="utf-8")
     return True
