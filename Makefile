@@ -11,9 +11,10 @@ $(BIN)/gateway: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## run: start the gateway on the embedded defaults (SQLite + embedded status under data/)
+## run: start the gateway on the embedded defaults (SQLite + embedded status under data/);
+## pass options with ARGS, e.g. make run ARGS="--port 9000"
 run: $(BIN)/gateway
-	$(BIN)/gateway serve
+	$(BIN)/gateway serve $(ARGS)
 
 ## test: lint, type-check and run the whole suite (needs Redis and PostgreSQL on localhost)
 test: $(BIN)/gateway

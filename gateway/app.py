@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request, Response, get, route
+from litestar import Litestar, Request, Response, get, head, route
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, InternalServerException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath
 
-from gateway.body import PayloadTooLarge
+from gateway.body import PayloadTooLarge, check_encoding
 from gateway.config import Config, admin_token, load_config
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthorized
 from gateway.events import event_encoder
@@ -29,6 +29,11 @@ from gateway.storage import open_storage
 log = logging.getLogger("gateway.http")
 
 MAX_EVENTS_LIMIT = 1000
+
+TRANSIENT = {
+    "storage_unavailable": "storage unavailable; retry later",
+    "status_unavailable": "status store (redis) unavailable; retry later",
+}
 
 
 def json_response(
@@ -56,16 +61,19 @@ async def postback(request: Request[Any, Any, Any], partner: FromPath[str]) -> R
     outcome, status_code = "error", 500
     try:
         loaded = _partner_for(gw, partner, request.method)
-        try:
-            body = await request.body()
-        except RequestEntityTooLarge:
-            raise PayloadTooLarge(
-                f"body larger than {gw.config.limits.max_body_bytes} bytes"
-            ) from None
-        except InternalServerException:  # the client went away mid-body; nobody to answer
-            raise BadRequest("client disconnected before sending the whole body") from None
+
+        async def read_body() -> bytes:
+            check_encoding(request.headers)
+            try:
+                return await request.body()
+            except RequestEntityTooLarge:
+                limit = gw.config.limits.max_body_bytes
+                raise PayloadTooLarge(f"body larger than {limit} bytes") from None
+            except InternalServerException:  # the client went away mid-body
+                raise BadRequest("client disconnected before sending the whole body") from None
+
         answer = await gw.postback(
-            loaded, request.scope.get("query_string", b""), request.headers, body
+            loaded, request.scope.get("query_string", b""), request.headers, read_body
         )
         outcome, status_code = answer.outcome, answer.status_code
         return json_response(answer.body, answer.status_code)
@@ -164,12 +172,21 @@ async def healthz() -> Response[bytes]:
     return json_response({"status": "ok"})
 
 
+@head("/healthz")
+async def healthz_head() -> None:
+    """Load balancers probe with HEAD."""
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
 def on_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-    headers = {"Retry-After": "30"} if exc.status_code == 503 else None
-    return json_response(exc.body(), exc.status_code, headers)
+    if exc.status_code >= 500:
+        # Hosts, databases and index names stay in our log, not in the partner's answer.
+        log.warning("%s: %s", exc.error, exc.reason)
+        body = {"status": "error", "error": exc.error, "reason": TRANSIENT[exc.error]}
+        return json_response(body, exc.status_code, {"Retry-After": "30"})
+    return json_response(exc.body(), exc.status_code)
 
 
 def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
@@ -233,7 +250,14 @@ def create_app(
     )(postback)
 
     return Litestar(
-        route_handlers=[postback_route, list_partners, get_partner_status, list_events, healthz],
+        route_handlers=[
+            postback_route,
+            list_partners,
+            get_partner_status,
+            list_events,
+            healthz,
+            healthz_head,
+        ],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: on_gateway_error,

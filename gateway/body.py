@@ -43,20 +43,41 @@ def parse_query(raw: bytes | str) -> dict[str, str]:
         raise BadRequest(f"unreadable query string or form body: {exc}") from None
     out: dict[str, str] = {}
     for name, value in pairs:
-        out.setdefault(name, value)
+        if name == KEY_FIELD and out.get(name, "").strip() and value.strip() != out[name].strip():
+            raise Unauthorized("several different api_key values sent: send one key")
+        if name not in out or (name == KEY_FIELD and not out[name].strip()):
+            out[name] = value
     return out
 
 
 def key_from_request(query: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
-    """The key from ``Authorization: Bearer``, ``X-Api-Key`` or ``?api_key=``, in that order."""
-    auth = headers.get("authorization", "")
-    scheme, _, credentials = auth.strip().partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    header_key = headers.get("x-api-key", "").strip()
-    if header_key:
-        return header_key
-    return query.get(KEY_FIELD) or None
+    """The key from ``Authorization: Bearer``, ``X-Api-Key`` or ``?api_key=``, in that order.
+
+    A key that is present but blank is refused as such, not taken for a missing key.
+    """
+    parts = headers.get("authorization", "").split(None, 1)
+    if len(parts) == 2 and parts[0].lower() == "bearer":
+        return parts[1].strip()
+    if "x-api-key" in headers:
+        return _present(headers["x-api-key"], "the X-Api-Key header")
+    if KEY_FIELD in query:
+        return _present(query[KEY_FIELD], "the api_key parameter")
+    return None
+
+
+def _present(value: str, where: str) -> str:
+    if not value.strip():
+        raise Unauthorized(f"{where} is empty")
+    return value.strip()
+
+
+def check_encoding(headers: Mapping[str, str]) -> None:
+    """Compressed bodies are refused with a clear reason instead of being read as garbage."""
+    encoding = headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed"
+        )
 
 
 def parse_body(body: bytes, content_type: str, max_items: int) -> list[dict[str, Any]]:
@@ -88,6 +109,8 @@ def is_batch(body: bytes) -> bool:
 def _parse_json(body: bytes, max_items: int) -> list[dict[str, Any]]:
     try:
         data = _json.decode(body)
+    except msgspec.ValidationError as exc:  # valid JSON that Python cannot hold
+        raise BadRequest(f"unreadable JSON: {exc} (a number too large?)") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
@@ -107,19 +130,21 @@ def _parse_json(body: bytes, max_items: int) -> list[dict[str, Any]]:
 
 
 def key_from_body(items: list[dict[str, Any]]) -> str | None:
-    """The key carried in the body's ``api_key`` field: every item of a batch must agree."""
+    """The key carried in the body's ``api_key`` field: every item of a batch carries the same."""
     found = {_key_text(item.get(KEY_FIELD)) for item in items}
     if len(found) > 1:
         raise Unauthorized(
-            "batch items carry different api_key values: send one key in a header instead"
+            "every item of a batch must carry the same api_key (or send the key in a header)"
         )
     return found.pop() if found else None
 
 
 def _key_text(value: Any) -> str | None:
-    if value is None or isinstance(value, dict | list):
+    if value is None:
         return None
-    return str(value).strip() or None
+    if not isinstance(value, str):
+        raise Unauthorized("the api_key field must be a string")
+    return _present(value, "the api_key field")
 
 
 def merge(query: Mapping[str, str], items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from gateway.config import (
     config_path,
     load_config,
 )
+from gateway.errors import GatewayError, StatusUnavailable
 from gateway.keys import create_key, mask
 from gateway.plugins import PluginError, load_partners
 from gateway.scaffold import ScaffoldError, enable_in_config, render_partner
@@ -83,21 +84,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PluginError, ScaffoldError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    except GatewayError as exc:  # storage or status store unavailable
+        print(f"gateway: {exc.reason}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"gateway: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
 
 
 def serve_command(config: Config, host: str | None, port: int | None, workers: int | None) -> int:
     import uvicorn
 
-    from gateway.logs import setup_logging
+    from gateway.logs import LOG_CONFIG, setup_logging
 
-    load_partners()  # fail here, with the plugin's name, rather than in every worker
+    # Fail here, once and readably, rather than with a traceback in every worker.
+    load_partners()
+    asyncio.run(_preflight(config))
+    admin_token(config)  # create it once, before the workers race for it
     setup_logging()
     host = host or config.server.host
     port = port if port is not None else config.server.port
-    admin_token(config)  # create it once, before the workers race for it
     where = "GATEWAY_ADMIN_TOKEN" if config.admin_token else Path(config.data_dir) / "admin-token"
     print(
-        f"gateway: listening on http://{host}:{port}  storage={_scheme(config.storage.url)}"
+        f"gateway: starting on http://{host}:{port}  storage={_scheme(config.storage.url)}"
         f"  status={'redis' if config.status.redis_url else 'embedded'}  admin token: {where}",
         file=sys.stderr,
         flush=True,
@@ -109,11 +118,27 @@ def serve_command(config: Config, host: str | None, port: int | None, workers: i
         port=port,
         workers=workers or config.server.workers,
         access_log=False,
-        log_config=None,
+        log_config=LOG_CONFIG,
         server_header=False,
         timeout_graceful_shutdown=20,
     )
     return 0
+
+
+async def _preflight(config: Config) -> None:
+    """Storage must open (its schema is made here); the status store is only bookkeeping, so
+    an unreachable Redis is a warning: postbacks are still accepted and stored."""
+    storage = open_storage(config.storage.url)
+    await storage.open()
+    await storage.close()
+    status = open_status(config.status.redis_url, config.data_dir, config.status.key_prefix)
+    await status.open()
+    try:
+        await status.ping()
+    except StatusUnavailable as exc:
+        print(f"gateway: warning: {exc.reason}; status will not be recorded", file=sys.stderr)
+    finally:
+        await status.close()
 
 
 def _scheme(url: str) -> str:
@@ -148,6 +173,9 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
         print(key)
         return 0
     if args.keys_command == "list":
+        if args.partner is not None and args.partner not in partners:
+            print(f"gateway: unknown partner {args.partner!r}", file=sys.stderr)
+            return 2
         records = _with_storage(config, lambda s: s.keys(args.partner))
         for r in records:
             state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
@@ -176,7 +204,7 @@ def status_command(config: Config) -> int:
             )
             for name in sorted(partners):
                 record = await store.get(name)
-                last = record.last_success_at.isoformat() if record.last_success_at else "-"
+                last = _iso(record.last_success_at) if record.last_success_at else "-"
                 counters = " ".join(f"{c}={getattr(record.counters, c)}" for c in COUNTERS)
                 enabled = "yes" if config.partner_enabled(name) else "no"
                 connected = "yes" if record.last_success_at else "no"
@@ -186,6 +214,11 @@ def status_command(config: Config) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _iso(moment: datetime) -> str:
+    """ISO-8601 in UTC with a Z, as the HTTP API writes it."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def plugins_command(config: Config) -> int:

@@ -46,7 +46,7 @@ class StatusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: int = 64 * 1024
-    max_batch_events: int = 100
+    max_batch_events: int = 50
 
 
 class PartnerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -97,6 +97,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         config.status.redis_url = env["GATEWAY_REDIS_URL"]
     if env.get("GATEWAY_ADMIN_TOKEN"):
         config.admin_token = env["GATEWAY_ADMIN_TOKEN"]
+    config.admin_token = config.admin_token.strip()
     if env.get("GATEWAY_DATA_DIR"):
         config.data_dir = env["GATEWAY_DATA_DIR"]
     validate(config)

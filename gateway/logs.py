@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+import logging.config
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -38,11 +38,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
-def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # The server's own access log prints full URLs, query strings (and so keys) included.
-    logging.getLogger("uvicorn.access").disabled = True
+#: Logging set-up for the server, as a dictConfig: uvicorn applies it in every worker process.
+LOG_CONFIG: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": JsonFormatter}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "root": {"handlers": ["stderr"], "level": "INFO"},
+    "loggers": {
+        "uvicorn": {"handlers": [], "propagate": True},
+        "uvicorn.error": {"handlers": [], "propagate": True},
+        # The server's own access log prints full URLs: query strings, and so keys.
+        "uvicorn.access": {"handlers": [], "propagate": False, "level": "CRITICAL"},
+    },
+}
+
+
+def setup_logging() -> None:
+    logging.config.dictConfig(LOG_CONFIG)

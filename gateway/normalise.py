@@ -22,8 +22,10 @@ from gateway.events import ID_FIELDS, TEXT_FIELDS, AttributionEvent
 
 _TRUE = frozenset({"true", "1", "yes", "y", "t", "on"})
 _FALSE = frozenset({"false", "0", "no", "n", "f", "off"})
-# An unfilled partner macro such as "{idfa}", "{{campaign}}" or "[network]".
-_MACRO = re.compile(r"^(\{\{?[A-Za-z0-9_.$~-]+\}?\}|\[[A-Za-z0-9_.$~-]+\]|%[A-Za-z0-9_]+%)$")
+# An unfilled partner macro: "{idfa}" or "{{campaign}}" anywhere; for ids also "[idfa]", "%IDFA%"
+# (as text, "[Brand]" or "%PROMO%" may be a real campaign name).
+_MACRO = re.compile(r"^\{\{?[A-Za-z0-9_.$~-]+\}?\}$")
+_ID_MACRO = re.compile(r"^(\[[A-Za-z0-9_.$~-]+\]|%[A-Za-z0-9_]+%)$")
 _ZERO_ID = re.compile(r"^[0\-]+$")
 _NULL_IDS = frozenset({"null", "none", "nil", "undefined", "(null)", "unknown", "n/a"})
 _NUMERIC = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -53,6 +55,17 @@ def pick(payload: Mapping[str, Any], *paths: str) -> Any:
     return None
 
 
+def pick_named(payload: Mapping[str, Any], *paths: str) -> tuple[Any, str]:
+    """Like :func:`pick`, with the path the value came from, so an error names the field the
+    partner actually sent: ``text(*pick_named(p, "campaign_name", "campaign_id"))``. With no
+    value, the path is the first one."""
+    for path in paths:
+        value = pick(payload, path)
+        if value is not None:
+            return value, path
+    return None, paths[0]
+
+
 def pick_loose(obj: Mapping[str, Any], *names: str) -> Any:
     """Like :func:`pick` on one level, comparing keys without case, ``_`` or ``-``: partners spell
     the same field ``braze_id``, ``brazeId`` and ``Braze-ID``."""
@@ -80,10 +93,9 @@ def json_object(value: Any, field: str) -> Mapping[str, Any]:
 
 
 def text(value: Any, field: str) -> str | None:
-    """A text value: stripped; empty, null and unfilled macros become None.
-
-    Numbers become their decimal text (partners send ids both ways). UTF-8 is kept exactly.
-    """
+    """A text value, with surrounding white space trimmed; empty and unfilled ``{macros}``
+    become None. Numbers become their decimal text (partners send ids both ways). Everything
+    else is kept exactly as sent (any script, emoji, brackets)."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -109,22 +121,24 @@ def text(value: Any, field: str) -> str | None:
 
 
 def device_id(value: Any, field: str) -> str | None:
-    """A device or user id: like :func:`text`, and all-zero ids or null words become None."""
+    """A device or user id: like :func:`text`, and all-zero ids, null words (``null``,
+    ``undefined``, …) and macros in any bracket style become None."""
     out = text(value, field)
-    if out is None or _ZERO_ID.match(out) or out.lower() in _NULL_IDS:
+    if out is None or _ZERO_ID.match(out) or out.lower() in _NULL_IDS or _ID_MACRO.match(out):
         return None
     return out
 
 
 def flag(value: Any, field: str) -> bool | None:
-    """``true/false/1/0/yes/no`` in any case, as bool, number or string; blank is None."""
+    """``true/false/1/0/yes/no`` in any case, as bool, number or string; blank and unfilled
+    ``{macros}`` are None."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
     if isinstance(value, str):
         word = value.strip().lower()
-        if not word:
+        if not word or _MACRO.match(word):
             return None
         if word in _TRUE:
             return True
@@ -134,7 +148,8 @@ def flag(value: Any, field: str) -> bool | None:
 
 
 def number(value: Any, field: str) -> Decimal | None:
-    """A decimal amount (revenue) from a number or numeric text; blank is None."""
+    """A decimal amount (revenue) from a number or numeric text; blank and unfilled ``{macros}``
+    are None."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -143,7 +158,7 @@ def number(value: Any, field: str) -> Decimal | None:
         raw = str(value)
     elif isinstance(value, str):
         raw = value.strip()
-        if not raw:
+        if not raw or _MACRO.match(raw):
             return None
     else:
         raise MappingError(field, f"expected a number, got {_kind(value)}")
@@ -153,7 +168,8 @@ def number(value: Any, field: str) -> Decimal | None:
         out = Decimal(raw)
     except InvalidOperation:
         raise MappingError(field, f"expected a number, got {_show(value)}") from None
-    if not out.is_finite() or abs(out) > Decimal("1e15"):
+    # adjusted() is the exponent: no arithmetic on huge exponents (which would overflow).
+    if not out.is_finite() or (out and out.adjusted() >= 15):
         raise MappingError(field, f"number out of range: {_show(value)}")
     return out
 
@@ -163,13 +179,16 @@ def timestamp(value: Any, field: str) -> datetime | None:
 
     Accepts ISO-8601 with or without ``T`` and zone (no zone means UTC), ``YYYY-MM-DD
     HH:MM:SS[.fff]``, offsets with or without a colon, and epoch seconds, milliseconds or
-    microseconds as number or text (the unit is chosen by magnitude). Blank is None.
+    microseconds as number or text (the unit is chosen by magnitude). Blank, and the epoch
+    value 0 that partners send for "no time", are None.
     """
     if value is None:
         return None
     if isinstance(value, bool):
         raise MappingError(field, "expected a time, got a boolean")
     if isinstance(value, int | float):
+        if value == 0:
+            return None
         try:
             seconds = float(value)
         except OverflowError:  # an int too large for a float
@@ -178,10 +197,11 @@ def timestamp(value: Any, field: str) -> datetime | None:
     if not isinstance(value, str):
         raise MappingError(field, f"expected a time, got {_kind(value)}")
     raw = value.strip()
-    if not raw or _MACRO.match(raw):
+    if not raw or _MACRO.match(raw) or _ID_MACRO.match(raw):
         return None
     if _NUMERIC.match(raw):
-        return _from_epoch(float(raw), field, value)
+        seconds = float(raw)
+        return None if seconds == 0 else _from_epoch(seconds, field, value)
     try:
         parsed = datetime.fromisoformat(raw)
     except ValueError:

@@ -11,6 +11,7 @@ stray installed package never changes what the gateway accepts.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pkgutil
 import re
@@ -75,7 +76,14 @@ def load_partners(
         sources[module_path] = ("built-in", own_version)
 
     wanted = allowed_external() if allow is None else frozenset(allow)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    available = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for missing in sorted(wanted - set(available.names)):
+        logging.getLogger("gateway.plugins").warning(
+            "%s names %r, but no installed distribution provides that partner plugin",
+            ALLOW_ENV,
+            missing,
+        )
+    for ep in available:
         if ep.name not in wanted or pm.has_plugin(ep.name):
             continue
         try:

@@ -8,11 +8,13 @@ Errors are raised as :class:`~gateway.errors.GatewayError` and answered by the H
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
+import unicodedata
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,17 +26,22 @@ from gateway.errors import GatewayError, MappingError, StatusUnavailable
 from gateway.events import INSTALL_KINDS, AttributionEvent
 from gateway.hookspecs import PartnerSpec
 from gateway.keys import check_key
-from gateway.normalise import finalise, stable_key
+from gateway.normalise import device_id, finalise, stable_key
 from gateway.plugins import LoadedPartner
 from gateway.status import StatusStore
 from gateway.storage import Storage
 
 log = logging.getLogger("gateway.postback")
 
+#: Longer dedupe keys are stored as their SHA-256.
+MAX_DEDUPE_KEY = 200
+
 #: Longest a postback waits for the status store before answering without it.
 STATUS_TIMEOUT_S = 0.5
 
-_WORD_BREAK = re.compile(r"[\s_\-/()\[\].:,]")
+# What may follow a restricted network's name: "Facebook Ads", "twitter_int", "X (Twitter)";
+# not "-", so "X-Men Games" is not X.
+_WORD_BREAK = re.compile(r"[\s_/()\[\].:,]")
 
 
 class Answer(msgspec.Struct):
@@ -64,16 +71,19 @@ class Gateway:
         partner: LoadedPartner,
         query_string: bytes,
         headers: Mapping[str, str],
-        body: bytes,
+        read_body: Callable[[], Awaitable[bytes]],
     ) -> Answer:
+        """Steps 2 to 8 for one request. ``read_body`` is called once, after a key sent in the
+        query string or a header has been checked (a key in the body needs the body first)."""
         name = partner.spec.name
         authenticated = False
         try:
             query = reader.parse_query(query_string)
             key = reader.key_from_request(query, headers)
-            if key is not None:  # step 2 before reading the body, where we can
+            if key is not None:
                 await check_key(self.storage, name, key)
                 authenticated = True
+            body = await read_body()
             items = reader.parse_body(
                 body, headers.get("content-type", ""), self.config.limits.max_batch_events
             )
@@ -120,7 +130,9 @@ class Gateway:
         equal to it, or to its leading words (``Facebook Ads``, ``twitter_int``), any case."""
         if not source:
             return False
-        folded = source.casefold().strip()
+        # Invisible format characters (zero-width spaces…) must not hide a restricted name.
+        visible = "".join(c for c in source if unicodedata.category(c) != "Cf")
+        folded = visible.casefold().strip()
         for name in self._restricted:
             if folded == name:
                 return True
@@ -209,9 +221,14 @@ def map_payload(
         if not isinstance(event, AttributionEvent):
             raise TypeError(f"mapping returned {type(event).__name__}, not AttributionEvent")
         event = finalise(event)
-        dedupe_key = event.dedupe_key or stable_key(payload)
-        if n and not event.dedupe_key:
+        # The partner's own id, unless it is a placeholder ("null", "0", "{id}"): then a hash of
+        # the payload, so distinct events never collapse into one.
+        own_key = device_id(event.dedupe_key, "dedupe_key") if event.dedupe_key else None
+        dedupe_key = own_key or stable_key(payload)
+        if n and not own_key:
             dedupe_key = f"{dedupe_key}:{n}"
+        if len(dedupe_key) > MAX_DEDUPE_KEY:  # storage indexes it: keep it short
+            dedupe_key = "sha256:" + hashlib.sha256(dedupe_key.encode()).hexdigest()
         out.append(
             msgspec.structs.replace(
                 event,

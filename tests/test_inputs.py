@@ -591,7 +591,7 @@ def test_batch_over_the_default_limit_is_413(
     client: TestClient[Any], api_key: str, admin: dict[str, str], config: Config
 ) -> None:
     limit = config.limits.max_batch_events
-    assert limit == 100
+    assert limit == 50
     items = [
         {"event_name": "_install", "network_name": "N", "transaction_id": f"t{i}"}
         for i in range(limit + 1)
@@ -854,7 +854,6 @@ def test_stored_times_are_written_in_utc(
         "1900-01-01 00:00:00",
         "0001-01-01T00:00:00+01:00",
         "9999-12-31T23:59:59-01:00",
-        0,
         -5,
         1e300,
         10**30,

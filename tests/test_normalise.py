@@ -166,7 +166,6 @@ def test_timestamp_blank_and_unfilled_macros_are_none(value: Any) -> None:
         "0001-01-01T00:00:00+01:00",
         "9999-12-31T23:59:59-01:00",
         "2300-01-01T00:00:00Z",
-        0,
         -1,
         "-1714565081",
         1e300,
@@ -327,11 +326,24 @@ def test_text_converts_numbers_and_strips(value: Any, expected: str) -> None:
     assert text(value, "f") == expected
 
 
-@pytest.mark.parametrize(
-    "value", [None, "", "  ", "{campaign}", "{{campaign_name}}", "[campaign]", "%CAMPAIGN%"]
-)
+@pytest.mark.parametrize("value", [None, "", "  ", "{campaign}", "{{campaign_name}}"])
 def test_text_blank_and_macros_are_none(value: Any) -> None:
     assert text(value, "campaign_name") is None
+
+
+@pytest.mark.parametrize("value", ["[Brand] Spring", "[campaign]", "%PROMO%", "{a} and {b}"])
+def test_text_keeps_brackets_that_may_be_real_names(value: str) -> None:
+    assert text(value, "campaign_name") == value
+
+
+@pytest.mark.parametrize("value", ["[idfa]", "%IDFA%", "{idfa}"])
+def test_device_id_treats_macros_in_any_bracket_style_as_none(value: str) -> None:
+    assert device_id(value, "idfa") is None
+
+
+@pytest.mark.parametrize("value", [0, 0.0, "0", " 0 ", "0.0"])
+def test_timestamp_epoch_zero_means_no_time(value: Any) -> None:
+    assert timestamp(value, "click_time") is None
 
 
 @pytest.mark.parametrize(
