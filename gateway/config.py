@@ -1,7 +1,8 @@
 """Typed configuration: a TOML file, then environment overrides.
 
 The defaults below are the embedded defaults that ``config/gateway.toml`` spells out (a test keeps
-the two equal): SQLite under ``data/``, the embedded status store, Kochava enabled.
+the two equal): SQLite under ``data/``, the embedded status store, the six built-in partners
+enabled.
 
 Environment overrides:
 
@@ -54,7 +55,8 @@ class PartnerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def _default_partners() -> dict[str, PartnerConfig]:
-    return {"kochava": PartnerConfig(enabled=True)}
+    names = ("kochava", "appsflyer", "adjust", "branch", "singular", "tune")
+    return {name: PartnerConfig(enabled=True) for name in names}
 
 
 def _default_restricted() -> list[str]:

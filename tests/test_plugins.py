@@ -41,9 +41,13 @@ def _registering(*specs: PartnerSpec) -> Callable[..., None]:
     return register_partners
 
 
-def test_builtin_kochava_is_loaded_as_a_plugin() -> None:
+BUILT_IN = {"adjust", "appsflyer", "branch", "kochava", "singular", "tune"}
+
+
+def test_builtin_partners_are_loaded_as_plugins() -> None:
     partners = load_partners(allow=())
-    assert set(partners) == {"kochava"}
+    assert set(partners) == BUILT_IN
+    assert {p.source for p in partners.values()} == {"built-in"}
     kochava = partners["kochava"]
     assert kochava.source == "built-in"
     assert kochava.spec.display_name == "Kochava"
@@ -85,4 +89,4 @@ def test_hook_register_partners(temp_modules: list[str]) -> None:
 
 def test_external_plugins_need_the_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_PLUGINS", "")
-    assert set(load_partners()) == {"kochava"}
+    assert set(load_partners()) == BUILT_IN
