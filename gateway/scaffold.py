@@ -71,7 +71,9 @@ def render_partner(name: str, external: Path | None = None) -> Path:
         rel = path.relative_to(source)
         if path.is_dir() or _SKIP.intersection(rel.parts) or path.suffix == ".pyc":
             continue
-        if rel.name == FRAGMENT and external is not None:
+        if rel.name == FRAGMENT:
+            if external is None:
+                continue  # a built-in partner ships inside the gateway's own distribution
             dest = root / "pyproject.toml"
         else:
             dest = target / rel
