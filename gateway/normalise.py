@@ -37,40 +37,47 @@ _MAX_TEXT = 4096
 
 
 def pick(payload: Mapping[str, Any], *paths: str) -> Any:
-    """The first value under ``paths`` that is not null or blank.
+    """The first value under ``paths`` that is not null, blank or an unfilled ``{macro}``.
 
     A path may be dotted (``identity_link.braze_id``) to look inside nested objects.
     """
     for path in paths:
-        value: Any = payload
-        for part in path.split("."):
-            if isinstance(value, Mapping) and part in value:
-                value = value[part]
-            else:
-                value = None
-                break
-        if value is None or (isinstance(value, str) and not value.strip()):
-            continue
-        return value
+        found = _lookup(payload, path.split("."), loose=False)
+        if found is not None:
+            return found[0]
     return None
 
 
-def pick_named(payload: Mapping[str, Any], *paths: str) -> tuple[Any, str]:
+def pick_named(payload: Mapping[str, Any], *paths: str, loose: bool = False) -> tuple[Any, str]:
     """Like :func:`pick`, with the path the value came from, so an error names the field the
-    partner actually sent: ``text(*pick_named(p, "campaign_name", "campaign_id"))``. With no
-    value, the path is the first one."""
+    partner actually sent: ``text(*pick_named(p, "campaign_name", "campaign_id"))``; with no
+    value, the first path. ``loose`` compares keys at every level without case, ``_`` or ``-``
+    (``braze_id``, ``brazeId``, ``Braze-ID``) and returns the path as the partner spelt it."""
     for path in paths:
-        value = pick(payload, path)
-        if value is not None:
-            return value, path
+        found = _lookup(payload, path.split("."), loose)
+        if found is not None:
+            return found
     return None, paths[0]
 
 
-def pick_loose(obj: Mapping[str, Any], *names: str) -> Any:
-    """Like :func:`pick` on one level, comparing keys without case, ``_`` or ``-``: partners spell
-    the same field ``braze_id``, ``brazeId`` and ``Braze-ID``."""
-    folded = {_fold(str(k)): v for k, v in obj.items()}
-    return pick(folded, *(_fold(n) for n in names))
+def _lookup(value: Any, parts: list[str], loose: bool) -> tuple[Any, str] | None:
+    """The present value under the keys ``parts`` with its path as sent; None when absent."""
+    if not parts:
+        if isinstance(value, str) and (not value.strip() or _MACRO.match(value.strip())):
+            return None
+        return None if value is None else (value, "")
+    if not isinstance(value, Mapping):
+        return None
+    part, rest = parts[0], parts[1:]
+    if loose:
+        keys = [k for k in value if isinstance(k, str) and _fold(k) == _fold(part)]
+    else:
+        keys = [part] if part in value else []
+    for key in keys:
+        found = _lookup(value[key], rest, loose)
+        if found is not None:
+            return found[0], (f"{key}.{found[1]}" if rest else key)
+    return None
 
 
 def _fold(name: str) -> str:

@@ -21,7 +21,7 @@ from gateway.normalise import (
     json_object,
     number,
     pick,
-    pick_loose,
+    pick_named,
     stable_key,
     text,
     timestamp,
@@ -457,6 +457,62 @@ def test_pick_dotted_paths() -> None:
     assert pick({"a.b": "literal"}, "a.b") is None  # a dot always means nesting
 
 
+@pytest.mark.parametrize("macro", ["{campaign}", "{{campaign}}", " {campaign_name} ", "{$x.y~z-1}"])
+def test_pick_skips_unfilled_macros_for_the_fallback(macro: str) -> None:
+    assert pick({"name": macro, "id": "c-1"}, "name", "id") == "c-1"
+    assert pick({"name": macro}, "name") is None
+    assert pick({"o": {"name": macro}, "id": "c-1"}, "o.name", "id") == "c-1"
+
+
+@pytest.mark.parametrize("value", ["[idfa]", "%IDFA%", "{two words}", "x{y}", "{", "{}"])
+def test_pick_keeps_what_is_not_an_unfilled_macro(value: str) -> None:
+    assert pick({"name": value, "id": "c-1"}, "name", "id") == value
+
+
+def test_pick_named_returns_the_path_the_value_came_from() -> None:
+    payload = {"name": None, "alias": " ", "macro": "{id}", "id": ["x"], "o": {"p": 0}}
+    assert pick_named(payload, "name", "alias", "macro", "id") == (["x"], "id")
+    assert pick_named(payload, "missing", "o.p", "id") == (0, "o.p")
+    assert pick_named(payload, "name", "alias", "macro") == (None, "name")
+    assert pick_named({}, "a.b", "c") == (None, "a.b")
+
+
+def test_pick_named_names_the_fallback_in_an_error() -> None:
+    payload = {"campaign_name": "{campaign_name}", "campaign_id": ["c"]}
+    with pytest.raises(MappingError) as err:
+        text(*pick_named(payload, "campaign_name", "campaign_id"))
+    assert err.value.field == "campaign_id"
+
+
+def test_pick_named_loose_compares_keys_without_case_underscores_or_hyphens() -> None:
+    obj = {"brazeId": "a", "Braze-User-ID": "b", "blank": " "}
+    assert pick_named(obj, "braze_id", loose=True) == ("a", "brazeId")
+    assert pick_named(obj, "BRAZE_USER_ID", loose=True) == ("b", "Braze-User-ID")
+    assert pick_named(obj, "blank", "missing", loose=True) == (None, "blank")
+    assert pick_named(obj, "braze_id") == (None, "braze_id")  # exact keys by default
+
+
+def test_pick_named_loose_takes_the_first_present_key_in_name_order() -> None:
+    obj = {"braze_id": " ", "BrazeId": "{braze_id}", "BRAZE-ID": "c", "appboy_id": "d"}
+    assert pick_named(obj, "braze_id", "appboy_id", loose=True) == ("c", "BRAZE-ID")
+    assert pick_named(obj, "appboy_id", "braze_id", loose=True) == ("d", "appboy_id")
+    assert pick_named({1: "x", "1": "y"}, "1", loose=True) == ("y", "1")  # text keys only
+
+
+def test_pick_named_loose_at_every_level_of_a_dotted_path() -> None:
+    payload = {"Identity-Link": {"BrazeID": "b-1"}, "identityLink": {"user_id": "u-1"}}
+    assert pick_named(payload, "identity_link.braze_id", loose=True) == (
+        "b-1",
+        "Identity-Link.BrazeID",
+    )
+    # Every key that matches is looked in, in the payload's order.
+    assert pick_named(payload, "identity_link.user_id", loose=True) == (
+        "u-1",
+        "identityLink.user_id",
+    )
+    assert pick_named(payload, "identity_link.braze_id") == (None, "identity_link.braze_id")
+
+
 # -- stable_key ---------------------------------------------------------------------------------
 
 
@@ -598,14 +654,14 @@ def test_helpers_never_return_nan() -> None:
             fn(math.nan, "f")
 
 
-# -- pick_loose, json_object -------------------------------------------------------------------
+# -- pick_named(loose=True), json_object ---------------------------------------------------------
 
 
 def test_pick_loose_ignores_case_underscores_and_hyphens() -> None:
     obj = {"brazeId": "a", "Braze-User-ID": "b", "blank": " "}
-    assert pick_loose(obj, "braze_id") == "a"
-    assert pick_loose(obj, "braze_user_id") == "b"
-    assert pick_loose(obj, "blank", "missing") is None
+    assert pick_named(obj, "braze_id", loose=True)[0] == "a"
+    assert pick_named(obj, "braze_user_id", loose=True)[0] == "b"
+    assert pick_named(obj, "blank", "missing", loose=True)[0] is None
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway import AttributionEvent, MappingError
 from gateway.events import EventKind
-from gateway.normalise import device_id, flag, number, pick, text, timestamp
+from gateway.normalise import device_id, flag, number, pick, pick_named, text, timestamp
 
 # Event names that mean an install, a reinstall or a re-engagement; anything else is an in-app
 # event. Change them to the partner's own names.
@@ -45,15 +45,16 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
         attributed=_attributed(payload, network),
         # The four attribution slots: network, campaign, ad group (or site), ad (creative).
         source=network,
-        campaign=text(pick(payload, "campaign", "campaign_id"), "campaign"),
-        adgroup=text(pick(payload, "adgroup", "adgroup_id"), "adgroup"),
-        ad=text(pick(payload, "creative", "creative_id"), "creative"),
+        # pick_named() returns the field the value came from, so a bad value is named as sent.
+        campaign=text(*pick_named(payload, "campaign", "campaign_id")),
+        adgroup=text(*pick_named(payload, "adgroup", "adgroup_id")),
+        ad=text(*pick_named(payload, "creative", "creative_id")),
         source_id=device_id(pick(payload, "network_id"), "network_id"),
         campaign_id=device_id(pick(payload, "campaign_id"), "campaign_id"),
         adgroup_id=device_id(pick(payload, "adgroup_id"), "adgroup_id"),
         ad_id=device_id(pick(payload, "creative_id"), "creative_id"),
         # Times: timestamp() takes ISO-8601 and epoch seconds/milliseconds, returns UTC.
-        event_time=timestamp(pick(payload, "event_time", "install_time"), "event_time"),
+        event_time=timestamp(*pick_named(payload, "event_time", "install_time")),
         install_time=timestamp(pick(payload, "install_time"), "install_time"),
         touch_time=timestamp(pick(payload, "click_time"), "click_time"),
         platform=text(pick(payload, "platform"), "platform"),

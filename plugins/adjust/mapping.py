@@ -21,6 +21,7 @@ from gateway.normalise import (
     json_object,
     number,
     pick,
+    pick_named,
     stable_key,
     text,
     timestamp,
@@ -117,7 +118,7 @@ def _kind(payload: Mapping[str, Any]) -> EventKind | None:
     event name still makes it an in-app event."""
     activity = _text(payload, "activity_kind")
     if activity is None:
-        if _filled(payload, "event_name", "event") is not None:
+        if pick(payload, "event_name", "event") is not None:
             return "event"
         raise MappingError("activity_kind", "required: install, reattribution, event, …")
     return KINDS.get(activity.casefold().replace(" ", "_").replace("-", "_"))
@@ -129,7 +130,7 @@ def _event_name(payload: Mapping[str, Any], kind: EventKind) -> str:
     if kind == "reengagement":
         return "reattribution"
     # event_name is the label set in Adjust's dashboard; the event token is the fallback.
-    name = _text(payload, "event_name") or _text(payload, "event")
+    name = text(*pick_named(payload, "event_name", "event"))
     if name is None:
         raise MappingError("event_name", "required for an in-app event (or the event token)")
     return name
@@ -154,8 +155,7 @@ def _attribution(
 def _attributed(payload: Mapping[str, Any], network: str | None) -> bool:
     """Organic: is_organic true (1), or the network is Adjust's "Organic" (any case), or no
     network at all."""
-    found = _filled(payload, "is_organic")
-    if found is not None and flag(found[1], "is_organic"):
+    if flag(pick(payload, "is_organic"), "is_organic"):
         return False
     return network is not None and network.casefold() not in ORGANIC_NETWORKS
 
@@ -167,10 +167,9 @@ def _touch_time(payload: Mapping[str, Any], anchor: datetime | None) -> datetime
         moment = _time(payload, name)
         if moment is not None:
             return moment
-    found = _filled(payload, "conversion_duration")
-    if anchor is None or found is None:
+    if anchor is None:
         return None
-    seconds = number(found[1], "conversion_duration")
+    seconds = number(pick(payload, "conversion_duration"), "conversion_duration")
     if seconds is None:
         return None
     if seconds < 0:
@@ -183,40 +182,19 @@ def _revenue(payload: Mapping[str, Any]) -> Decimal | None:
     """revenue_float (whole currency units) where sent, else revenue. Adjust documents its
     {revenue} placeholder in cents for ad revenue; the callbacks this partner receives send whole
     units under ``revenue`` (4.99), so the template should map ``revenue={revenue_float}``."""
-    found = _filled(payload, "revenue_float", "revenue")
-    if found is None:
-        return None
-    field, value = found
-    return number(value, field)
+    return number(*pick_named(payload, "revenue_float", "revenue"))
 
 
 def _partner_parameters(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     """The {partner_parameters} placeholder, when the template carries it: a JSON object of the
     app's partner parameters. Anything else there is not ours to refuse a callback over."""
-    found = _filled(payload, "partner_parameters")
-    if found is None:
-        return {}
     try:
-        return json_object(found[1], "partner_parameters")
+        return json_object(pick(payload, "partner_parameters"), "partner_parameters")
     except MappingError:
         return {}
 
 
 # -- field access -------------------------------------------------------------------------------
-
-
-# core candidate: pick() that also skips unfilled macros ("{idfa}") and says which field it took.
-# Adjust drops unfilled placeholders, but a hand-written template or a test call can still send
-# one, and flag()/number() refuse macro text where text()/device_id()/timestamp() treat it as
-# blank. Other macro-style partners (Singular, Tune) need the same.
-def _filled(payload: Mapping[str, Any], *fields: str) -> tuple[str, Any] | None:
-    for field in fields:
-        value = pick(payload, field)
-        if isinstance(value, str) and text(value, field) is None:
-            continue
-        if value is not None:
-            return field, value
-    return None
 
 
 def _text(payload: Mapping[str, Any], field: str) -> str | None:

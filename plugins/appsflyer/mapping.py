@@ -9,7 +9,7 @@ sent".
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -22,7 +22,7 @@ from gateway.normalise import (
     json_object,
     number,
     pick,
-    pick_loose,
+    pick_named,
     stable_key,
     text,
     timestamp,
@@ -72,17 +72,17 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
         event_name=kind if _fold(name) in CONVERSIONS else name,
         attributed=_attributed(media_source, campaign_type),
         source=None if _is(media_source, RESTRICTED) else media_source,
-        campaign=first(text, payload, "campaign", "af_c_id"),
+        campaign=text(*pick_named(payload, "campaign", "af_c_id")),
         campaign_id=device_id(pick(payload, "af_c_id"), "af_c_id"),
-        adgroup=first(text, payload, "af_adset", "af_adset_id"),
+        adgroup=text(*pick_named(payload, "af_adset", "af_adset_id")),
         adgroup_id=device_id(pick(payload, "af_adset_id"), "af_adset_id"),
-        ad=first(text, payload, "af_ad", "af_ad_id"),
+        ad=text(*pick_named(payload, "af_ad", "af_ad_id")),
         ad_id=device_id(pick(payload, "af_ad_id"), "af_ad_id"),
         event_time=event_time,
         install_time=install_time,
         touch_time=_time(payload, "attributed_touch_time"),
         platform=text(pick(payload, "platform"), "platform"),
-        app_id=first(text, payload, "bundle_id", "app_id"),
+        app_id=text(*pick_named(payload, "bundle_id", "app_id")),
         idfa=device_id(pick(payload, "idfa"), "idfa"),
         idfv=device_id(pick(payload, "idfv"), "idfv"),
         google_ad_id=device_id(pick(payload, "advertising_id"), "advertising_id"),
@@ -95,18 +95,6 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
         country=text(pick(payload, "country_code"), "country_code"),
         dedupe_key=_dedupe_key(payload),
     )
-
-
-# core candidate: pick() that names, in any MappingError, the field the value came from (the
-# partner should learn that af_c_id is unusable, not campaign it did not send).
-def first(
-    convert: Callable[[Any, str], str | None], payload: Mapping[str, Any], *fields: str
-) -> str | None:
-    for field in fields:
-        value = pick(payload, field)
-        if value is not None:
-            return convert(value, field)
-    return None
 
 
 def _kind(payload: Mapping[str, Any], name: str) -> EventKind:
@@ -135,12 +123,12 @@ def _time(payload: Mapping[str, Any], field: str) -> datetime | None:
     if value is not None:
         return value
     local_field = field + SELECTED_TZ
-    return zoned_timestamp(pick(payload, local_field), local_field)
+    return _zoned_timestamp(pick(payload, local_field), local_field)
 
 
-# core candidate: a time that must carry its own zone (a partner's local-time field); without
-# an offset it cannot be placed in UTC, so it is refused instead of being taken as UTC.
-def zoned_timestamp(value: Any, field: str) -> datetime | None:
+# A time that must carry its own zone (a local-time field); without an offset it cannot be placed
+# in UTC, so it is refused instead of being taken as UTC. Private: no other partner sends one.
+def _zoned_timestamp(value: Any, field: str) -> datetime | None:
     if isinstance(value, str) and ":" in value and not _OFFSET.search(value.strip()):
         raise MappingError(field, f"expected a time with its UTC offset, got {value.strip()!r}")
     return timestamp(value, field)
@@ -163,7 +151,8 @@ def _revenue(payload: Mapping[str, Any]) -> tuple[Decimal | None, str | None]:
 def _braze_id(payload: Mapping[str, Any]) -> str | None:
     custom = json_object(payload.get("custom_data"), "custom_data")
     for key in BRAZE_KEYS:
-        value = device_id(pick_loose(custom, key), f"custom_data.{key}")
+        found, sent_as = pick_named(custom, key, loose=True)
+        value = device_id(found, f"custom_data.{sent_as}")
         if value is not None:
             return value
     return None
@@ -172,7 +161,7 @@ def _braze_id(payload: Mapping[str, Any]) -> str | None:
 def _dedupe_key(payload: Mapping[str, Any]) -> str:
     """AppsFlyer sends no event id and marks retries only in its own reports, so a retry is the
     same message again: hash its sent fields, leaving out the settings fields."""
-    sent = present(payload)
+    sent = _sent(payload)
     ignore = set(SETTINGS_FIELDS)
     # A _selected_timezone twin repeats its UTC field; it only counts when that is missing.
     ignore.update(
@@ -181,9 +170,9 @@ def _dedupe_key(payload: Mapping[str, Any]) -> str:
     return stable_key(sent, ignore=ignore)
 
 
-# core candidate: the fields a partner actually sent. Partners that send an empty field as
-# null, as "" or not at all (AppsFlyer has done all three) hash the same either way.
-def present(payload: Mapping[str, Any]) -> dict[str, Any]:
+# The fields actually sent: an empty field sent as null, as "" or not at all (AppsFlyer has done
+# all three) hashes the same. Private: the other partners hash the payload as sent.
+def _sent(payload: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in payload.items()

@@ -25,6 +25,7 @@ from gateway.normalise import (
     json_object,
     number,
     pick,
+    pick_named,
     text,
     timestamp,
 )
@@ -60,18 +61,17 @@ class BranchPayload:
     def __init__(self, payload: Mapping[str, Any]) -> None:
         self.payload = payload
         self.objects = {name: json_object(payload.get(name), name) for name in NESTED}
-
-    def get(self, obj: str | None, key: str) -> tuple[Any, str]:
-        """The value of ``key`` in object ``obj`` (None = top level) and the field it came from,
-        as the partner spells it, so an unusable value is refused naming that field."""
-        if obj is None:
-            return pick(self.payload, key), key
-        return pick_first(
-            (
-                (self.objects[obj], key, f"{obj}.{key}"),
-                (self.payload, flat_name(obj, key), flat_name(obj, key)),
-            )
-        )
+        # What lookups see: the nested objects decoded, so that dotted paths reach into them. A
+        # nested or flat value, or the Braze id, that holds only blanks (an empty object) counts
+        # as not sent, as in has_touch(), so the next place is tried.
+        flat = tuple(f"{name}_" for name in NESTED)
+        sent = {
+            k: v
+            for k, v in payload.items()
+            if _present(v) or not (k == BRAZE_KEY or str(k).startswith(flat))
+        }
+        nested = {n: {k: v for k, v in o.items() if _present(v)} for n, o in self.objects.items()}
+        self.decoded = {**sent, **nested}
 
     def text(self, obj: str | None, *keys: str) -> str | None:
         value, field = self.first(obj, keys)
@@ -86,23 +86,17 @@ class BranchPayload:
         return timestamp(value, field)
 
     def first(self, obj: str | None, keys: Iterable[str]) -> tuple[Any, str]:
-        """The first of ``keys`` present in ``obj``; the first key's field name when none is."""
-        keys = tuple(keys)
-        for key in keys:
-            value, field = self.get(obj, key)
-            if value is not None:
-                return value, field
-        return None, _field(obj, keys[0])
+        """The first of ``keys`` present in ``obj`` (None = top level), nested then flat, and the
+        field it came from as the partner spells it; the first key's field when none is."""
+        return pick_named(self.decoded, *_paths(obj, keys))
 
     def braze_id(self) -> tuple[Any, str]:
         """The Braze id and the field it came from: top level first, then each object in
         BRAZE_OBJECTS order, nested or flat."""
-        candidates = [(self.payload, BRAZE_KEY, BRAZE_KEY)]
+        paths = [BRAZE_KEY]
         for obj in BRAZE_OBJECTS:
-            flat = flat_name(obj, BRAZE_KEY)
-            candidates += [(self.objects[obj], BRAZE_KEY, f"{obj}.{BRAZE_KEY}")]
-            candidates += [(self.payload, flat, flat)]
-        return pick_first(candidates)
+            paths += _paths(obj, (BRAZE_KEY,))
+        return pick_named(self.decoded, *paths)
 
     def has_touch(self) -> bool:
         """Whether any touch data came: a non-blank value in ``last_attributed_touch_data`` or
@@ -199,22 +193,12 @@ def flat_name(obj: str, key: str) -> str:
     return f"{obj}_{key}"
 
 
-# core candidate: pick() that also says which field the value came from, over several objects,
-# so that a value found in one of several places is refused (422) naming the place it was in.
-def pick_first(candidates: Iterable[tuple[Mapping[str, Any], str, str]]) -> tuple[Any, str]:
-    """The first non-blank value among ``(object, key, field name)`` candidates, with its field
-    name; ``(None, first field name)`` when none is present."""
-    first_field = ""
-    for obj, key, field in candidates:
-        first_field = first_field or field
-        value = obj.get(key)
-        if _present(value):
-            return value, field
-    return None, first_field
-
-
-def _field(obj: str | None, key: str) -> str:
-    return key if obj is None else f"{obj}.{key}"
+def _paths(obj: str | None, keys: Iterable[str]) -> list[str]:
+    """Where each of ``keys`` of object ``obj`` may be, in order: nested (``user_data.idfa``),
+    then flat (``user_data_idfa``); at the top level when ``obj`` is None."""
+    if obj is None:
+        return list(keys)
+    return [path for key in keys for path in (f"{obj}.{key}", flat_name(obj, key))]
 
 
 def _present(value: Any) -> bool:

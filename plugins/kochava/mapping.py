@@ -13,7 +13,7 @@ from gateway.normalise import (
     json_object,
     number,
     pick,
-    pick_loose,
+    pick_named,
     text,
     timestamp,
 )
@@ -42,10 +42,13 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
         raise MappingError("event_name", "required: name the in-app event or the install")
     if kind in ("install", "reinstall") or (event_name or "").lower() in INSTALL_EVENT_NAMES:
         event_name = kind
-    network = text(pick(payload, "network_name", "network"), "network_name")
-    install_time = timestamp(pick(payload, "install_time", "install_date"), "install_time")
-    event_time = timestamp(pick(payload, "event_time", "event_date"), "event_time")
+    network = text(*pick_named(payload, "network_name", "network"))
+    install_time = timestamp(*pick_named(payload, "install_time", "install_date"))
+    event_time = timestamp(*pick_named(payload, "event_time", "event_date"))
     identity = json_object(payload.get("identity_link"), "identity_link")
+    braze = _linked(identity, *BRAZE_ALIASES)
+    if not braze[0]:  # none (or a false or empty value) in the identity link
+        braze = pick_named(payload, "braze_id")
 
     return AttributionEvent(
         kind=kind,
@@ -53,34 +56,32 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
         attributed=_attributed(payload, network),
         source=network,
         source_id=device_id(pick(payload, "network_id"), "network_id"),
-        campaign=text(pick(payload, "campaign_name", "campaign_id"), "campaign_name"),
+        campaign=text(*pick_named(payload, "campaign_name", "campaign_id")),
         campaign_id=device_id(pick(payload, "campaign_id"), "campaign_id"),
-        adgroup=text(pick(payload, "adgroup_name", "site_id"), "adgroup_name"),
-        adgroup_id=device_id(pick(payload, "adgroup_id", "site_id"), "site_id"),
-        ad=text(pick(payload, "creative_name", "creative_id"), "creative_name"),
+        adgroup=text(*pick_named(payload, "adgroup_name", "site_id")),
+        adgroup_id=device_id(*pick_named(payload, "adgroup_id", "site_id")),
+        ad=text(*pick_named(payload, "creative_name", "creative_id")),
         ad_id=device_id(pick(payload, "creative_id"), "creative_id"),
         event_time=event_time or install_time,
         install_time=install_time,
-        touch_time=timestamp(pick(payload, "click_time", "impression_time"), "click_time"),
-        platform=text(pick(payload, "platform", "device_os"), "platform"),
+        touch_time=timestamp(*pick_named(payload, "click_time", "impression_time")),
+        platform=text(*pick_named(payload, "platform", "device_os")),
         app_id=text(
-            pick(payload, "app_bundle_id", "app_package", "app_id", "package_name", "bundle_id"),
-            "app_bundle_id",
+            *pick_named(
+                payload, "app_bundle_id", "app_package", "app_id", "package_name", "bundle_id"
+            )
         ),
         idfa=device_id(pick(payload, "idfa"), "idfa"),
         idfv=device_id(pick(payload, "idfv"), "idfv"),
-        google_ad_id=device_id(pick(payload, "adid", "gaid", "google_ad_id"), "adid"),
+        google_ad_id=device_id(*pick_named(payload, "adid", "gaid", "google_ad_id")),
         android_id=device_id(pick(payload, "android_id"), "android_id"),
-        windows_ad_id=device_id(pick(payload, "waid", "windows_ad_id"), "waid"),
+        windows_ad_id=device_id(*pick_named(payload, "waid", "windows_ad_id")),
         partner_device_id=device_id(pick(payload, "kochava_device_id"), "kochava_device_id"),
-        braze_id=device_id(
-            pick_loose(identity, *BRAZE_ALIASES) or pick(payload, "braze_id"),
-            "identity_link.braze_id",
-        ),
-        external_id=device_id(pick_loose(identity, *EXTERNAL_ID_ALIASES), "identity_link.user_id"),
+        braze_id=device_id(*braze),
+        external_id=device_id(*_linked(identity, *EXTERNAL_ID_ALIASES)),
         revenue=_revenue(payload),
-        currency=text(pick(payload, "currency", "currency_code"), "currency"),
-        country=text(pick(payload, "country", "country_code"), "country"),
+        currency=text(*pick_named(payload, "currency", "currency_code")),
+        country=text(*pick_named(payload, "country", "country_code")),
         dedupe_key=text(pick(payload, "transaction_id"), "transaction_id") or "",
     )
 
@@ -102,6 +103,13 @@ def _attributed(payload: Mapping[str, Any], network: str | None) -> bool:
     if network is None or network.casefold() in ORGANIC_NETWORKS:
         return False
     return flag(payload.get("attribution"), "attribution") is not False
+
+
+def _linked(identity: Mapping[str, Any], *aliases: str) -> tuple[Any, str]:
+    """The first of ``aliases`` in the identity link, with its field as the partner spelt it
+    (``identity_link.brazeId``)."""
+    value, key = pick_named(identity, *aliases, loose=True)
+    return value, f"identity_link.{key}"
 
 
 def _revenue(payload: Mapping[str, Any]) -> Any:

@@ -14,7 +14,16 @@ from typing import Any
 
 from gateway import AttributionEvent, MappingError
 from gateway.events import EventKind
-from gateway.normalise import device_id, flag, number, pick, stable_key, text, timestamp
+from gateway.normalise import (
+    device_id,
+    flag,
+    number,
+    pick,
+    pick_named,
+    stable_key,
+    text,
+    timestamp,
+)
 
 # TUNE's event names for installs; anything else is an in-app event (or a re-engagement).
 INSTALL_KINDS: dict[str, EventKind] = {"install": "install", "reinstall": "reinstall"}
@@ -52,7 +61,7 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
     if name is None:
         raise MappingError("event_name", "required: add event_name={event_name} to the postback")
     kind = _kind(payload, name)
-    event_time = first_time(payload, *CONVERSION_TIME)
+    event_time = _first_time(payload, *CONVERSION_TIME)
     publisher_id = device_id(pick(payload, "publisher_id"), "publisher_id")
     sub_publisher = _name(payload, "advertiser_sub_publisher", "advertiser_sub_publisher_name")
     publisher_name = _name(payload, "publisher_name")
@@ -72,9 +81,8 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
         ad=_name(payload, "advertiser_sub_ad", "advertiser_sub_ad_name"),
         event_time=event_time,
         install_time=event_time if kind in INSTALL_KINDS else None,
-        touch_time=first_time(payload, *CLICK_TIME) or first_time(payload, *IMPRESSION_TIME),
-        platform=text(pick(payload, "mobile_app_type"), "mobile_app_type")
-        or text(pick(payload, "sdk"), "sdk"),
+        touch_time=_first_time(payload, *CLICK_TIME) or _first_time(payload, *IMPRESSION_TIME),
+        platform=text(*pick_named(payload, "mobile_app_type", "sdk")),
         app_id=text(pick(payload, "package_name"), "package_name"),
         idfa=device_id(pick(payload, "ios_ifa"), "ios_ifa"),
         idfv=device_id(pick(payload, "ios_ifv"), "ios_ifv"),
@@ -112,19 +120,18 @@ def _name(payload: Mapping[str, Any], *fields: str) -> str | None:
 
 def _revenue(payload: Mapping[str, Any]) -> tuple[Decimal | None, str | None]:
     currency = text(pick(payload, "currency_code"), "currency_code")
-    for field in ("revenue", "amount"):
-        amount = number(pick(payload, field), field)
-        if amount is not None:
-            return amount, currency
+    amount = number(*pick_named(payload, "revenue", "amount"))
+    if amount is not None:
+        return amount, currency
     amount_usd = number(pick(payload, "revenue_usd"), "revenue_usd")
     if amount_usd is not None:
         return amount_usd, "USD"
     return None, currency
 
 
-# core candidate: partners that send one time in several forms (TUNE, Adjust's created_at and
-# created_at_milli, …) all need "the first present of these fields, each parsed and checked".
-def first_time(payload: Mapping[str, Any], *fields: str) -> datetime | None:
+# Private: unlike pick_named(), it checks every form sent, not only the first, and no other
+# partner needs that (Kochava's two forms of a time take the first sent).
+def _first_time(payload: Mapping[str, Any], *fields: str) -> datetime | None:
     """The first of ``fields`` that holds a time, as UTC. Every present field is parsed, so an
     unusable one answers 422 naming it even when another form of the same time is good."""
     found = None

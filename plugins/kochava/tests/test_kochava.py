@@ -188,3 +188,34 @@ def test_get_postback_with_macros_in_the_query_string(client, api_key, admin) ->
     assert event["braze_id"] == "fake-braze-device-0000-0000-000000000002"
     assert event["adgroup"] == "app_8812"
     assert event["install_time"] == "2024-05-02T08:15:00Z"
+
+
+def test_unusable_fallback_is_refused_naming_the_field_sent(client, api_key, admin) -> None:
+    body = {"event_name": "_install", "network_name": "N", "site_id": ["a"]}
+    r = client.post(f"/partners/kochava/postback?api_key={api_key}", json=body)
+    assert r.status_code == 422, r.text
+    assert (r.json()["status"], r.json()["field"]) == ("error", "site_id")
+    assert client.get("/events", headers=admin).json()["events"] == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"campaign_name": None, "campaign_id": {"id": 1}}, "campaign_id"),
+        ({"adgroup_name": "", "site_id": ["a"]}, "site_id"),
+        ({"adgroup_name": "Group A", "adgroup_id": ["a"]}, "adgroup_id"),
+        ({"install_time": None, "install_date": "yesterday"}, "install_date"),
+        ({"click_time": None, "impression_time": "soon"}, "impression_time"),
+        ({"network_name": "{network_name}", "network": ["N"]}, "network"),
+        ({"identity_link": {"Braze-ID": ["b"]}}, "identity_link.Braze-ID"),
+        ({"identity_link": {}, "braze_id": {"id": 1}}, "braze_id"),
+        ({"identity_link": {"userId": ["u"]}}, "identity_link.userId"),
+    ],
+)
+def test_unusable_value_is_refused_naming_the_field_sent(
+    changes: dict[str, Any], field: str
+) -> None:
+    payload = {**sample("install_ios_attributed.json"), **changes}
+    with pytest.raises(MappingError) as err:
+        map_postback(payload)
+    assert err.value.field == field
