@@ -16,8 +16,16 @@ $(BIN)/gateway: pyproject.toml
 run: $(BIN)/gateway
 	$(BIN)/gateway serve $(ARGS)
 
+# The partners page test drives Debian's chromium (headless, through Playwright); installed
+# here when missing (needs root, or sudo); never `playwright install`.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update
+	$$([ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y --no-install-recommends chromium
+
 ## test: lint, type-check and run the whole suite (needs Redis and PostgreSQL on localhost)
-test: $(BIN)/gateway
+test: $(BIN)/gateway $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -3,11 +3,15 @@ opens and closes storage and the status store."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, head, route
@@ -18,13 +22,24 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath
 
 from gateway.body import PayloadTooLarge, check_encoding
-from gateway.config import Config, admin_token, load_config
-from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthorized
+from gateway.config import Config, admin_token, config_path, load_config
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    StatusUnavailable,
+    StorageUnavailable,
+    Unauthorized,
+)
 from gateway.events import event_encoder
+from gateway.metrics import CONTENT_TYPE, UNKNOWN_PARTNER, Metrics, result_of
 from gateway.plugins import LoadedPartner, load_partners
 from gateway.postback import Gateway
+from gateway.reload import ConfigWatcher
 from gateway.status import open_status
 from gateway.storage import open_storage
+from gateway.ui import ui_router
 
 log = logging.getLogger("gateway.http")
 
@@ -76,19 +91,24 @@ async def postback(request: Request[Any, Any, Any], partner: FromPath[str]) -> R
             loaded, request.scope.get("query_string", b""), request.headers, read_body
         )
         outcome, status_code = answer.outcome, answer.status_code
+        if outcome == "ignored":  # ignored_organic, ignored_restricted
+            outcome = result_of(answer.body)
         return json_response(answer.body, answer.status_code)
     except GatewayError as exc:
         outcome, status_code = exc.error, exc.status_code
         raise
     finally:
+        elapsed = time.perf_counter() - started
+        label = partner if partner in gw.partners else UNKNOWN_PARTNER  # bounded label values
+        gw.metrics.observe_postback(label, outcome, elapsed)
         log.info(
             "postback",
             extra={
-                "partner": partner if partner in gw.partners else "(unknown)",
+                "partner": label,
                 "method": request.method,
                 "status": status_code,
                 "outcome": outcome,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                "duration_ms": round(elapsed * 1000, 2),
             },
         )
 
@@ -177,10 +197,59 @@ async def healthz_head() -> None:
     """Load balancers probe with HEAD."""
 
 
+# -- readiness and metrics ----------------------------------------------------------------------
+
+#: Longest /readyz waits for each store before calling it unavailable.
+READY_TIMEOUT_S = 2.0
+
+
+async def _reachable(what: str, ping: Callable[[], Awaitable[None]]) -> bool:
+    """Whether ``ping`` succeeds in time; why not goes to the log, never to the answer."""
+    try:
+        await asyncio.wait_for(ping(), READY_TIMEOUT_S)
+    except GatewayError as exc:
+        log.warning("readyz: %s unavailable: %s", what, exc.reason)
+        return False
+    except TimeoutError:
+        log.warning("readyz: %s did not answer within %ss", what, READY_TIMEOUT_S)
+        return False
+    except Exception:
+        log.exception("readyz: %s check failed", what)
+        return False
+    return True
+
+
+@get("/readyz")
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """200 when storage and the status store both answer, else 503 naming which does not."""
+    gw = gateway_of(request)
+    storage_ok, status_ok = await asyncio.gather(
+        _reachable("storage", gw.storage.ping), _reachable("status store", gw.status.ping)
+    )
+    body = {
+        "status": "ready" if storage_ok and status_ok else "not_ready",
+        "storage": "ok" if storage_ok else "unavailable",
+        "status_store": "ok" if status_ok else "unavailable",
+    }
+    return json_response(body, 200 if storage_ok and status_ok else 503)
+
+
+@get("/metrics")
+async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Prometheus text format; open like /healthz (keep it off the public listener)."""
+    return Response(
+        content=gateway_of(request).metrics.render(), status_code=200, media_type=CONTENT_TYPE
+    )
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
-def on_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+def on_gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    if isinstance(exc, StorageUnavailable):
+        gateway_of(request).metrics.storage_errors.inc()
+    elif isinstance(exc, StatusUnavailable):
+        gateway_of(request).metrics.status_errors.inc()
     if exc.status_code >= 500:
         # Hosts, databases and index names stay in our log, not in the partner's answer.
         log.warning("%s: %s", exc.error, exc.reason)
@@ -210,16 +279,47 @@ def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return json_response(body, 500)
 
 
+@asynccontextmanager
+async def watching(config_file: Path | None, gw: Gateway) -> AsyncIterator[None]:
+    """Watch the config file while the app runs; SIGHUP re-reads it at once."""
+    if config_file is None:
+        yield
+        return
+    watcher = ConfigWatcher(config_file, gw.apply_config)
+    gw.config_watcher = watcher
+    task = asyncio.create_task(watcher.run(), name="config-watcher")
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, watcher.reload_now)
+        hup = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+        hup = False
+    try:
+        yield
+    finally:
+        if hup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 # -- the factory --------------------------------------------------------------------------------
 
 
 def create_app(
-    config: Config | None = None, partners: dict[str, LoadedPartner] | None = None
+    config: Config | None = None,
+    partners: dict[str, LoadedPartner] | None = None,
+    config_file: Path | None = None,
 ) -> Litestar:
     """The gateway as an ASGI app. With no arguments, config and plugins come from the
-    environment (``GATEWAY_CONFIG`` and friends, ``GATEWAY_PLUGINS``)."""
-    config = config if config is not None else load_config()
+    environment (``GATEWAY_CONFIG`` and friends, ``GATEWAY_PLUGINS``) and the config file is
+    watched for changes; a config given as an argument is watched only if ``config_file`` is."""
+    if config is None:
+        config_file = config_path()
+        config = load_config(config_file)
     partners = partners if partners is not None else load_partners()
+    metrics = Metrics()  # per app: apps in one process (tests) never share counts
     for name in config.partners:
         if name not in partners:
             logging.getLogger("gateway").warning(
@@ -234,9 +334,11 @@ def create_app(
         try:
             await status.open()
             try:
-                app.state.gateway = Gateway(config, partners, storage, status)
+                gw = Gateway(config, partners, storage, status, metrics)
+                app.state.gateway = gw
                 app.state.admin_token = admin_token(config)
-                yield
+                async with watching(config_file, gw):
+                    yield
             finally:
                 await status.close()
         finally:
@@ -257,6 +359,9 @@ def create_app(
             list_events,
             healthz,
             healthz_head,
+            readyz,
+            metrics_endpoint,
+            ui_router(),  # the partners page: /login, /logout, /ui…
         ],
         lifespan=[lifespan],
         exception_handlers={

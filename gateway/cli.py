@@ -23,6 +23,7 @@ from gateway.config import (
 from gateway.errors import GatewayError, StatusUnavailable
 from gateway.keys import create_key, mask
 from gateway.plugins import PluginError, load_partners
+from gateway.replay import add_commands, export_command, replay_command
 from gateway.scaffold import ScaffoldError, enable_in_config, render_partner
 from gateway.status import COUNTERS, open_status
 from gateway.storage import Storage, open_storage
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     conformance = sub.add_parser("conformance", help="run the conformance kit on partners")
     conformance.add_argument("partners", nargs="*", help="partner names (default: all loaded)")
 
+    add_commands(sub)  # replay, export
+
     args = parser.parse_args(argv)
     if args.config is not None:
         os.environ["GATEWAY_CONFIG"] = str(args.config)  # server workers read it too
@@ -80,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return new_partner_command(args.name, args.external, args.enable)
         if args.command == "conformance":
             return conformance_command(args.partners)
+        if args.command == "replay":
+            return replay_command(config, args)
+        if args.command == "export":
+            return export_command(config, args)
         return status_command(config)
     except (ConfigError, PluginError, ScaffoldError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
@@ -96,11 +103,14 @@ def serve_command(config: Config, host: str | None, port: int | None, workers: i
     import uvicorn
 
     from gateway.logs import LOG_CONFIG, setup_logging
+    from gateway.metrics import prepare_multiprocess_dir
 
     # Fail here, once and readably, rather than with a traceback in every worker.
     load_partners()
     asyncio.run(_preflight(config))
     admin_token(config)  # create it once, before the workers race for it
+    workers = workers or config.server.workers
+    prepare_multiprocess_dir(config.data_dir, workers)  # so /metrics adds up every worker
     setup_logging()
     host = host or config.server.host
     port = port if port is not None else config.server.port
@@ -177,10 +187,13 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
             print(f"gateway: unknown partner {args.partner!r}", file=sys.stderr)
             return 2
         records = _with_storage(config, lambda s: s.keys(args.partner))
+        if records:
+            print(f"{'partner':<12} {'key':<32} {'created, UTC':<17} {'last used, UTC':<17} state")
         for r in records:
             state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
             created = f"{r.created_at:%Y-%m-%d %H:%M}"
-            print(f"{r.partner:<12} {mask(r.key_id, r.hint):<32} {created}  {state}")
+            used = f"{r.last_used_at:%Y-%m-%d %H:%M}" if r.last_used_at else "never"
+            print(f"{r.partner:<12} {mask(r.key_id, r.hint):<32} {created:<17} {used:<17} {state}")
         if not records:
             print("no keys")
         return 0

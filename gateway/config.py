@@ -16,6 +16,7 @@ Environment overrides:
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -112,13 +113,23 @@ def parse_config(path: Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_toml_text(text, path)
+
+
+def parse_toml_text(text: str, path: Path) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return msgspec.convert(data, Config)
+        config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    validate(config)
+    return config
 
 
 def validate(config: Config) -> None:
@@ -162,3 +173,34 @@ def admin_token(config: Config) -> str:
     finally:
         tmp.unlink()
     return token
+
+
+def set_partner_enabled(config_file: Path, name: str, enabled: bool) -> None:
+    """Switch a partner on or off in a config file, keeping the rest of it (comments included).
+
+    Adds ``[partners.<name>]`` when the file has none. The new file replaces the old one in one
+    rename, so a gateway watching it never reads half a file.
+    """
+    text = config_file.read_text(encoding="utf-8") if config_file.exists() else ""
+    value = "true" if enabled else "false"
+    table = re.compile(rf"^\[partners\.{re.escape(name)}\][ \t]*$", re.MULTILINE)
+    found = table.search(text)
+    if found is None:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        text = f"{text}{sep}\n[partners.{name}]\nenabled = {value}\n"
+    else:
+        start = found.end()
+        following = re.search(r"^\[", text[start:], re.MULTILINE)
+        end = start + following.start() if following else len(text)
+        body = text[start:end]
+        line = re.compile(r"^enabled[ \t]*=.*$", re.MULTILINE)
+        if line.search(body):
+            body = line.sub(f"enabled = {value}", body, count=1)
+        else:
+            body = f"\nenabled = {value}" + body
+        text = text[:start] + body + text[end:]
+    parse_toml_text(text, config_file)  # never write a file the gateway would refuse
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = config_file.with_name(f".{config_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, config_file)

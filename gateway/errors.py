@@ -45,6 +45,11 @@ class NotFound(GatewayError):
     error = "not_found"
 
 
+class Conflict(GatewayError):
+    status_code = 409
+    error = "conflict"
+
+
 class MappingError(GatewayError):
     """The payload was read but cannot become an attribution event.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,17 +25,36 @@ def redact_query(url: str) -> str:
     return urlunsplit(parts._replace(query="[redacted]"))
 
 
+# A safety net for messages and tracebacks written elsewhere (libraries, exceptions): a query
+# string after a path or URL, a key given as ``api_key=…``/``X-Api-Key: …``, a bearer token.
+_QUERY = re.compile(r"((?:https?://|/)[^\s?#\"'<>]*)\?[^\s#\"'<>]+")
+_KEY = re.compile(r"(?i)\b(api[_-]?key[\"']?\s*[=:]\s*[\"']?)[^\s&\"',;]+")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+")
+
+
+def scrub(text: str) -> str:
+    """``text`` without query strings, keys or bearer tokens."""
+    if "?" in text:
+        text = _QUERY.sub(r"\1?[redacted]", text)
+    lowered = text.lower()
+    if "key" in lowered:
+        text = _KEY.sub(r"\1[redacted]", text)
+    if "bearer" in lowered:
+        text = _BEARER.sub(r"\1[redacted]", text)
+    return text
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(out, default=str, ensure_ascii=False)
 
 

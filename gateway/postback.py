@@ -15,23 +15,34 @@ import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 
 from gateway import body as reader
-from gateway.config import Config
-from gateway.errors import GatewayError, MappingError, StatusUnavailable
+from gateway.config import Config, set_partner_enabled
+from gateway.errors import (
+    Conflict,
+    GatewayError,
+    MappingError,
+    StatusUnavailable,
+    StorageUnavailable,
+)
 from gateway.events import INSTALL_KINDS, AttributionEvent
 from gateway.hookspecs import PartnerSpec
 from gateway.keys import check_key
+from gateway.metrics import Metrics
 from gateway.normalise import device_id, finalise, stable_key
 from gateway.plugins import LoadedPartner
+from gateway.reload import ConfigWatcher, live_part
 from gateway.status import StatusStore
-from gateway.storage import Storage
+from gateway.storage import ReplaceResult, Storage, StoreResult
 
 log = logging.getLogger("gateway.postback")
+
+#: How often a key's last-used time is written, at most (per key and process).
+KEY_USE_EVERY = timedelta(seconds=60)
 
 #: Longer dedupe keys are stored as their SHA-256.
 MAX_DEDUPE_KEY = 200
@@ -42,6 +53,14 @@ STATUS_TIMEOUT_S = 0.5
 # What may follow a restricted network's name: "Facebook Ads", "twitter_int", "X (Twitter)";
 # not "-", so "X-Men Games" is not X.
 _WORD_BREAK = re.compile(r"[\s_/()\[\].:,]")
+
+
+#: What writes the events that pass the filters (step 7): ``Storage.store`` for a postback; a
+#: replay passes ``Storage.replace`` to re-map stored events, or a dry run.
+Writer = Callable[[Sequence[AttributionEvent]], Awaitable[Sequence[StoreResult | ReplaceResult]]]
+
+#: A replace's outcome as a result status (a new event is "accepted", as for a postback).
+_REPLACED = {"stored": "accepted", "updated": "updated", "unchanged": "unchanged"}
 
 
 class Answer(msgspec.Struct):
@@ -57,12 +76,29 @@ class Gateway:
         partners: Mapping[str, LoadedPartner],
         storage: Storage,
         status: StatusStore,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.partners = partners
         self.storage = storage
         self.status = status
+        self.metrics = metrics if metrics is not None else Metrics()
         self._restricted = [name.casefold() for name in config.restricted_networks]
+        self._key_used: dict[str, datetime] = {}
+        self.config_watcher: ConfigWatcher | None = None  # set while the app watches its file
+
+    def set_partner_enabled(self, name: str, enabled: bool) -> None:
+        """Switch a partner on or off in the watched config file; every process follows it."""
+        if self.config_watcher is None:
+            raise Conflict("no config file is being watched: start with GATEWAY_CONFIG set")
+        set_partner_enabled(self.config_watcher.path, name, enabled)
+        self.config_watcher.check()
+
+    def apply_config(self, new: Config) -> None:
+        """Take a reloaded config: what applies live is swapped in whole, in one assignment."""
+        config = live_part(self.config, new)
+        self._restricted = [name.casefold() for name in config.restricted_networks]
+        self.config = config
 
     # -- steps 2 to 8 -----------------------------------------------------------------------
 
@@ -81,22 +117,36 @@ class Gateway:
             query = reader.parse_query(query_string)
             key = reader.key_from_request(query, headers)
             if key is not None:
-                await check_key(self.storage, name, key)
+                await self._note_key_use(await check_key(self.storage, name, key))
                 authenticated = True
             body = await read_body()
             items = reader.parse_body(
                 body, headers.get("content-type", ""), self.config.limits.max_batch_events
             )
             if not authenticated:
-                await check_key(self.storage, name, reader.key_from_body(items))
+                key_id = await check_key(self.storage, name, reader.key_from_body(items))
+                await self._note_key_use(key_id)
                 authenticated = True
             payloads = reader.merge(query, items)
             batch = reader.is_batch(body)
-            events = self._map(partner, payloads, batch=batch)
+            events = self.map_payloads(partner, payloads, batch=batch)
         except GatewayError as exc:
             await self.count_refusal(name, exc, authenticated)
             raise
         return await self._filter_and_store(name, events, batch=batch)
+
+    async def _note_key_use(self, key_id: str) -> None:
+        """Keep each key's last-used time, written at most once a minute per key and process."""
+        now = datetime.now(UTC)
+        last = self._key_used.get(key_id)
+        if last is not None and now - last < KEY_USE_EVERY:
+            return
+        self._key_used[key_id] = now
+        try:
+            await self.storage.touch_key(key_id, now)
+        except StorageUnavailable as exc:
+            self.metrics.storage_errors.inc()
+            log.warning("last use of key %s not recorded: %s", key_id, exc.reason)
 
     async def count_refusal(self, partner: str, exc: GatewayError, authenticated: bool) -> None:
         if exc.status_code == 401:
@@ -104,11 +154,16 @@ class Gateway:
         elif authenticated and exc.status_code < 500:
             await self._record(partner, {"rejected": 1})
 
-    def _map(
-        self, partner: LoadedPartner, payloads: list[dict[str, Any]], batch: bool
+    def map_payloads(
+        self,
+        partner: LoadedPartner,
+        payloads: list[dict[str, Any]],
+        batch: bool,
+        received_at: datetime | None = None,
     ) -> list[tuple[int, AttributionEvent]]:
-        """Step 4 and 5: every payload mapped and normalised, or nothing (all-or-nothing)."""
-        received_at = datetime.now(UTC)
+        """Step 4 and 5: every payload mapped and normalised, or nothing (all-or-nothing).
+        ``received_at`` defaults to now (a replay keeps an exported event's own)."""
+        received_at = received_at or datetime.now(UTC)
         out: list[tuple[int, AttributionEvent]] = []
         for index, payload in enumerate(payloads):
             try:
@@ -140,13 +195,18 @@ class Gateway:
                 return True
         return False
 
-    async def _filter_and_store(
-        self, partner: str, events: Sequence[tuple[int, AttributionEvent]], batch: bool
-    ) -> Answer:
-        results: list[dict[str, Any] | None] = [None] * len(events)
+    async def settle(
+        self, events: Sequence[AttributionEvent], write: Writer | None = None
+    ) -> tuple[list[dict[str, Any]], Counter[str]]:
+        """Steps 6 and 7, without step 8 (status): organic events and those of restricted
+        networks are ignored, the others written by ``write``, by default ``storage.store``
+        (an event whose dedupe key is stored is a duplicate). One result per event, and counts
+        by outcome: accepted, duplicate (``store``) or updated, unchanged (``replace``),
+        ignored_organic, ignored_restricted."""
+        results: list[dict[str, Any]] = [{} for _ in events]
         to_store: list[tuple[int, AttributionEvent]] = []
         counts: Counter[str] = Counter()
-        for pos, (_, event) in enumerate(events):
+        for pos, event in enumerate(events):
             if not event.attributed:
                 results[pos] = {"status": "ignored", "reason": "organic"}
                 counts["ignored_organic"] += 1
@@ -155,24 +215,29 @@ class Gateway:
                 counts["ignored_restricted"] += 1
             else:
                 to_store.append((pos, event))
-
-        success_at = None
         if to_store:
-            stored = await self.storage.store([event for _, event in to_store])  # step 7
-            for (pos, event), result in zip(to_store, stored, strict=True):
-                if result.stored:
-                    counts["accepted"] += 1
-                    results[pos] = {
-                        "status": "accepted",
-                        "event_id": result.event_id,
-                        "kind": event.kind,
-                    }
-                    if event.kind in INSTALL_KINDS and event.received_at is not None:
-                        success_at = event.received_at
+            written = await (write or self.storage.store)([event for _, event in to_store])
+            for (pos, event), result in zip(to_store, written, strict=True):
+                if isinstance(result, StoreResult):
+                    status = "accepted" if result.stored else "duplicate"
                 else:
-                    counts["duplicate"] += 1
-                    results[pos] = {"status": "duplicate", "event_id": result.event_id}
+                    status = _REPLACED[result.outcome]
+                counts[status] += 1
+                results[pos] = {"status": status, "event_id": result.event_id}
+                if status == "accepted":
+                    results[pos]["kind"] = event.kind
+        return results, counts
 
+    async def _filter_and_store(
+        self, partner: str, events: Sequence[tuple[int, AttributionEvent]], batch: bool
+    ) -> Answer:
+        results, counts = await self.settle([event for _, event in events])  # steps 6 and 7
+        success_at = None
+        for (_, event), result in zip(events, results, strict=True):
+            if result["status"] == "accepted" and event.kind in INSTALL_KINDS:
+                success_at = event.received_at or success_at
+
+        self.metrics.count_events(partner, [event for _, event in events], results)
         await self._record(partner, counts, success_at)  # step 8
         done = [r for r in results if r is not None]
         status_code = 202 if counts["accepted"] else 200
@@ -202,8 +267,10 @@ class Gateway:
                 self.status.record(partner, counts, success_at), STATUS_TIMEOUT_S
             )
         except StatusUnavailable as exc:
+            self.metrics.status_errors.inc()
             log.warning("status not recorded for %s: %s", partner, exc.reason)
         except TimeoutError:
+            self.metrics.status_errors.inc()
             log.warning("status for %s not recorded within %ss", partner, STATUS_TIMEOUT_S)
 
 

@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+from gateway.config import set_partner_enabled
 from gateway.plugins import PARTNER_NAME
 
 TEMPLATE_PACKAGE = "plugins._template"
@@ -85,11 +86,9 @@ def render_partner(name: str, external: Path | None = None) -> Path:
 
 
 def enable_in_config(config_file: Path, name: str) -> bool:
-    """Add ``[partners.<name>] enabled = true`` to the config file; False if it names it."""
+    """Enable the new partner in the config file; False if the file already names it."""
     text = config_file.read_text(encoding="utf-8") if config_file.exists() else ""
     if re.search(rf"^\[partners\.{re.escape(name)}\]", text, re.MULTILINE):
         return False
-    sep = "" if not text or text.endswith("\n") else "\n"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(f"{text}{sep}\n[partners.{name}]\nenabled = true\n", encoding="utf-8")
+    set_partner_enabled(config_file, name, True)
     return True

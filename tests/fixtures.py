@@ -175,7 +175,11 @@ class LiveGateway(msgspec.Struct):
         return self.log_path.read_text(encoding="utf-8")
 
 
-def start_gateway(tmp_path: Path, extra_env: dict[str, str] | None = None) -> LiveGateway:
+def start_gateway(
+    tmp_path: Path, extra_env: dict[str, str] | None = None, workers: int | None = None
+) -> LiveGateway:
+    """``gateway serve`` on a free port, its output in ``tmp_path/gateway.log``; ``workers``
+    adds ``--workers N``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
@@ -190,7 +194,8 @@ def start_gateway(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Li
     log_path = tmp_path / "gateway.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
+            + (["--workers", str(workers)] if workers is not None else []),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

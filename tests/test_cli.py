@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,20 @@ def test_keys_list_masks_and_revoke_refuses_the_key(live_gateway: LiveGateway) -
     assert r.status_code == 401
     again = live_gateway.cli("keys", "revoke", key_id)
     assert again.returncode == 1 and "no active key" in again.stderr
+
+
+def test_keys_list_shows_when_each_key_was_last_used(live_gateway: LiveGateway) -> None:
+    used, unused = live_gateway.create_key(), live_gateway.create_key()
+    before = live_gateway.cli("keys", "list", "kochava").stdout
+    assert before.count("never") == 2
+    url = f"{live_gateway.base_url}/partners/kochava/postback"
+    assert httpx.post(url, content=SAMPLE, headers={"X-Api-Key": used}).status_code == 202
+    lines = live_gateway.cli("keys", "list", "kochava").stdout.splitlines()
+    [used_line] = [line for line in lines if used[-4:] in line]
+    [unused_line] = [line for line in lines if unused[-4:] in line]
+    assert "never" not in used_line and "never" in unused_line
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert used_line.count(today) == 2  # created and last used
 
 
 def test_keys_create_for_an_unknown_partner_fails(live_gateway: LiveGateway) -> None:

@@ -19,13 +19,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import psycopg
 import pytest
 from psycopg import sql
 
 from gateway.errors import StorageUnavailable
 from gateway.events import AttributionEvent
-from gateway.storage import KeyRecord, Storage, StoreResult, open_storage
+from gateway.storage import KeyRecord, ReplaceResult, Storage, StoreResult, open_storage
 
 T = TypeVar("T")
 
@@ -355,6 +356,140 @@ def test_count(url: str) -> None:
         )
 
     assert run(url, work) == (0, 3, 2, 1, 0)
+
+
+# -- events: replace (a re-map), find, scan -------------------------------------------------------
+
+
+def test_replace_rewrites_a_stored_event_keeping_its_id_and_received_at(url: str) -> None:
+    later = T0 + timedelta(days=3)
+    original = full_event()
+    remapped = msgspec.structs.replace(
+        original,
+        event_id="evt_new_id",
+        received_at=later,
+        kind="install",
+        attributed=False,
+        campaign="fixed campaign",
+        revenue=None,
+    )
+
+    async def work(storage: Storage) -> dict[str, Any]:
+        await storage.store([original, event("other", event_id="evt_other")])
+        first = await storage.replace([remapped, event("new", event_id="evt_fresh")])
+        again = await storage.replace([remapped])
+        retry = await storage.store([remapped])  # a postback retry after the re-map
+        return {
+            "first": first,
+            "again": again,
+            "retry": retry,
+            "events": {e.dedupe_key: e for e in await storage.events()},
+            "count": await storage.count(),
+        }
+
+    got = run(url, work)
+    assert got["first"] == [
+        ReplaceResult(outcome="updated", event_id=original.event_id),
+        ReplaceResult(outcome="stored", event_id="evt_fresh"),
+    ]
+    assert got["again"] == [ReplaceResult(outcome="unchanged", event_id=original.event_id)]
+    assert got["retry"] == [StoreResult(stored=False, event_id=original.event_id)]
+    assert got["count"] == 3
+    stored = got["events"][original.dedupe_key]
+    assert stored == msgspec.structs.replace(
+        remapped, event_id=original.event_id, received_at=original.received_at
+    )
+    assert stored.campaign == "fixed campaign" and stored.kind == "install"
+    assert stored.attributed is False and stored.revenue is None
+    assert got["events"]["other"].event_id == "evt_other"  # other events untouched
+    assert got["events"]["new"].received_at == T0
+
+
+def test_replace_in_one_batch_with_a_repeated_key_and_across_partners(url: str) -> None:
+    async def work(storage: Storage) -> tuple[list[ReplaceResult], list[AttributionEvent]]:
+        await storage.store([event("k1", partner="appsflyer", event_id="af1", campaign="af")])
+        results = await storage.replace(
+            [
+                event("k1", event_id="e1", campaign="a"),
+                event("k1", event_id="e2", campaign="b"),
+                event("k1", event_id="e3", campaign="b"),
+            ]
+        )
+        return results, await storage.events()
+
+    results, events = run(url, work)
+    assert results == [
+        ReplaceResult(outcome="stored", event_id="e1"),
+        ReplaceResult(outcome="updated", event_id="e1"),
+        ReplaceResult(outcome="unchanged", event_id="e1"),
+    ]
+    assert [(e.partner, e.event_id, e.campaign) for e in events] == [
+        ("kochava", "e1", "b"),
+        ("appsflyer", "af1", "af"),  # the same dedupe key of another partner is another event
+    ]
+
+
+def test_a_failing_replace_changes_nothing(url: str) -> None:
+    async def work(storage: Storage) -> list[AttributionEvent]:
+        await storage.store([event("k1", event_id="e1", campaign="old"), event("k2", event_id="t")])
+        with pytest.raises(StorageUnavailable):
+            # k1 would be rewritten, but k3's event_id is taken: the whole call is undone.
+            await storage.replace(
+                [event("k1", event_id="x", campaign="new"), event("k3", event_id="t")]
+            )
+        return await storage.events()
+
+    assert [(e.dedupe_key, e.campaign) for e in run(url, work)] == [("k2", None), ("k1", "old")]
+
+
+def test_find_by_dedupe_keys(url: str) -> None:
+    async def work(storage: Storage) -> list[dict[str, AttributionEvent]]:
+        await storage.store([event(f"k{n}", event_id=f"e{n}") for n in range(600)])
+        await storage.store([event("k1", partner="appsflyer", event_id="af1")])
+        return [
+            await storage.find("kochava", ["k1", "k599", "missing", "k1"]),
+            await storage.find("appsflyer", ["k1", "k2"]),
+            await storage.find("branch", ["k1"]),
+            await storage.find("kochava", []),
+            await storage.find("kochava", [f"k{n}" for n in range(600)]),  # more than one query
+        ]
+
+    mixed, other, none, empty, every = run(url, work)
+    assert {k: e.event_id for k, e in mixed.items()} == {"k1": "e1", "k599": "e599"}
+    assert {k: e.event_id for k, e in other.items()} == {"k1": "af1"}
+    assert none == {} and empty == {}
+    assert len(every) == 600 and every["k0"] == event("k0", event_id="e0")
+
+
+def test_scan_reads_every_event_oldest_first_in_pages(url: str) -> None:
+    async def work(storage: Storage) -> dict[str, list[str]]:
+        for n in range(5):
+            await storage.store([event(f"k{n}", event_id=f"k{n}")])
+            await storage.store([event(f"a{n}", partner="appsflyer", event_id=f"a{n}")])
+
+        async def pages(partner: str | None, size: int) -> list[str]:
+            seen: list[str] = []
+            after = None
+            while page := await storage.scan(partner, after, size):
+                assert len(page) <= size
+                seen += [e.event_id for e in page]
+                after = page[-1].event_id
+            return seen
+
+        return {
+            "all": await pages(None, 3),
+            "kochava": await pages("kochava", 2),
+            "one_page": [e.event_id for e in await storage.scan(limit=100)],
+            "after": [e.event_id for e in await storage.scan("appsflyer", "k2", 10)],
+            "unknown": [e.event_id for e in await storage.scan(None, "no-such-event", 10)],
+        }
+
+    got = run(url, work)
+    assert got["all"] == [f"{p}{n}" for n in range(5) for p in ("k", "a")]
+    assert got["kochava"] == [f"k{n}" for n in range(5)]
+    assert got["one_page"] == got["all"]
+    assert got["after"] == ["a2", "a3", "a4"]
+    assert got["unknown"] == []
 
 
 def test_data_survives_close_and_reopen(url: str) -> None:

@@ -10,16 +10,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
-from gateway.events import AttributionEvent
+from gateway.events import AttributionEvent, event_encoder
 
 
 class StoreResult(msgspec.Struct, frozen=True):
     stored: bool  # False: an event with the same dedupe key was already there
     event_id: str  # the id of the stored event (the earlier one for a duplicate)
+
+
+class ReplaceResult(msgspec.Struct, frozen=True):
+    # stored: new; updated: it replaced the stored event; unchanged: it was stored exactly so
+    outcome: Literal["stored", "updated", "unchanged"]
+    event_id: str  # the id of the stored event (the earlier one unless it is new)
 
 
 class KeyRecord(msgspec.Struct, kw_only=True):
@@ -47,6 +53,19 @@ class Storage(Protocol):
 
     async def count(self, partner: str | None = None) -> int: ...
 
+    async def replace(self, events: Sequence[AttributionEvent]) -> list[ReplaceResult]:
+        """Store events in one transaction; an event whose dedupe key exists replaces the stored
+        one, which keeps its event_id and received_at (a re-map: see :func:`replacement`)."""
+
+    async def find(self, partner: str, dedupe_keys: Sequence[str]) -> dict[str, AttributionEvent]:
+        """The partner's stored events with these dedupe keys, by dedupe key."""
+
+    async def scan(
+        self, partner: str | None = None, after: str | None = None, limit: int = 500
+    ) -> list[AttributionEvent]:
+        """Up to ``limit`` events in the order they were stored, oldest first, starting after the
+        event whose event_id is ``after`` (from the first when None): to read them all in pages."""
+
     async def add_key(self, record: KeyRecord, key_hash: str) -> None: ...
 
     async def active_key_hashes(self, partner: str) -> list[tuple[str, str]]:
@@ -56,6 +75,16 @@ class Storage(Protocol):
 
     async def revoke_key(self, key_id: str, at: datetime) -> bool:
         """Revoke a key; False if there is no such active key."""
+
+    async def touch_key(self, key_id: str, at: datetime) -> None:
+        """Record that the key was used at ``at`` (never moves the time back)."""
+
+
+def replacement(new: AttributionEvent, old: AttributionEvent) -> AttributionEvent | None:
+    """``new`` as it replaces the stored ``old`` (same partner and dedupe key): with old's
+    event_id and received_at. None when that is exactly what is stored already."""
+    merged = msgspec.structs.replace(new, event_id=old.event_id, received_at=old.received_at)
+    return None if event_encoder.encode(merged) == event_encoder.encode(old) else merged
 
 
 def open_storage(url: str) -> Storage:

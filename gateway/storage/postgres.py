@@ -26,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway.errors import StorageUnavailable
 from gateway.events import AttributionEvent, event_decoder, event_encoder
-from gateway.storage import KeyRecord, StoreResult
+from gateway.storage import KeyRecord, ReplaceResult, StoreResult, replacement
 
 #: Key of the transaction-level advisory lock held while the schema is created.
 SCHEMA_LOCK = 0x6761_7465_7761_7901  # "gatewa" "y\x01"
@@ -246,6 +246,62 @@ class PostgresStorage:
             row = await cur.fetchone()
         return int(row[0]) if row is not None else 0
 
+    async def replace(self, events: Sequence[AttributionEvent]) -> list[ReplaceResult]:
+        results: list[ReplaceResult] = []
+        async with self._connection() as conn, conn.transaction():
+            keys = {(e.partner, e.dedupe_key) for e in events}
+            if len(keys) > 1:  # one global lock order, as in store()
+                await conn.execute(LOCK_KEYS, (sorted({_lock_id(p, k) for p, k in keys}),))
+            for e in events:
+                row = (e.event_id, e.partner, e.dedupe_key, e.kind, e.attributed, e.received_at)
+                cur = await conn.execute(INSERT_EVENT, (*row, event_encoder.encode(e)))
+                if await cur.fetchone() is not None:
+                    results.append(ReplaceResult(outcome="stored", event_id=e.event_id))
+                    continue
+                cur = await conn.execute(
+                    "SELECT event_id, body FROM events WHERE partner = %s AND dedupe_key = %s"
+                    " FOR UPDATE",
+                    (e.partner, e.dedupe_key),
+                )
+                found = await cur.fetchone()
+                if found is None:  # pragma: no cover - rows are never deleted
+                    raise StorageUnavailable(f"dedupe key {e.dedupe_key!r} conflicted but is gone")
+                new = replacement(e, event_decoder.decode(found[1]))
+                if new is None:
+                    results.append(ReplaceResult(outcome="unchanged", event_id=found[0]))
+                    continue
+                await conn.execute(
+                    "UPDATE events SET kind = %s, attributed = %s, body = %s WHERE event_id = %s",
+                    (new.kind, new.attributed, event_encoder.encode(new), found[0]),
+                )
+                results.append(ReplaceResult(outcome="updated", event_id=found[0]))
+        return results
+
+    async def find(self, partner: str, dedupe_keys: Sequence[str]) -> dict[str, AttributionEvent]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT body FROM events WHERE partner = %s AND dedupe_key = ANY(%s)",
+                (partner, list(dedupe_keys)),
+            )
+            bodies = [row[0] for row in await cur.fetchall()]
+        found = [event_decoder.decode(body) for body in bodies]
+        return {e.dedupe_key: e for e in found}
+
+    async def scan(
+        self, partner: str | None = None, after: str | None = None, limit: int = 500
+    ) -> list[AttributionEvent]:
+        # An unknown ``after`` compares with NULL: no rows, never a restart from the first.
+        sql = "SELECT body FROM events WHERE seq > "
+        sql += "0" if after is None else "(SELECT seq FROM events WHERE event_id = %s)"
+        args: list[str | int] = [] if after is None else [after]
+        if partner is not None:
+            sql += " AND partner = %s"
+            args.append(partner)
+        async with self._connection() as conn:
+            cur = await conn.execute(sql + " ORDER BY seq LIMIT %s", (*args, limit))
+            bodies = [row[0] for row in await cur.fetchall()]
+        return [event_decoder.decode(body) for body in bodies]
+
     # -- API keys ------------------------------------------------------------------------------
 
     async def add_key(self, record: KeyRecord, key_hash: str) -> None:
@@ -293,6 +349,14 @@ class PostgresStorage:
                 (at, key_id),
             )
             return cur.rowcount == 1
+
+    async def touch_key(self, key_id: str, at: datetime) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE api_keys SET last_used_at = %s WHERE key_id = %s"
+                " AND (last_used_at IS NULL OR last_used_at < %s)",
+                (at, key_id, at),
+            )
 
 
 def _oneline(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from gateway.errors import StorageUnavailable
 from gateway.events import AttributionEvent, event_decoder, event_encoder
 from gateway.sqlite_thread import SQLiteThread
-from gateway.storage import KeyRecord, StoreResult
+from gateway.storage import KeyRecord, ReplaceResult, StoreResult, replacement
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -56,7 +56,12 @@ class SQLiteStorage:
         await self._db.close()
 
     async def ping(self) -> None:
-        await self._db.ping()
+        # Reads both tables: "SELECT 1" alone never touches the file, so proves nothing.
+        await self._run(
+            lambda conn: conn.execute(
+                "SELECT (SELECT 1 FROM events LIMIT 1), (SELECT 1 FROM api_keys LIMIT 1)"
+            ).fetchone()
+        )
 
     async def store(self, events: Sequence[AttributionEvent]) -> list[StoreResult]:
         rows = [
@@ -118,6 +123,78 @@ class SQLiteStorage:
 
         return await self._run(work)
 
+    async def replace(self, events: Sequence[AttributionEvent]) -> list[ReplaceResult]:
+        def work(conn: sqlite3.Connection) -> list[ReplaceResult]:
+            results: list[ReplaceResult] = []
+            for e in events:
+                # BEGIN IMMEDIATE holds the write lock: nobody inserts between SELECT and INSERT.
+                found = conn.execute(
+                    "SELECT event_id, body FROM events WHERE partner = ? AND dedupe_key = ?",
+                    (e.partner, e.dedupe_key),
+                ).fetchone()
+                if found is None:
+                    conn.execute(
+                        "INSERT INTO events (event_id, partner, dedupe_key, kind, attributed,"
+                        " received_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            e.event_id,
+                            e.partner,
+                            e.dedupe_key,
+                            e.kind,
+                            int(e.attributed),
+                            e.received_at.isoformat() if e.received_at else "",
+                            event_encoder.encode(e),
+                        ),
+                    )
+                    results.append(ReplaceResult(outcome="stored", event_id=e.event_id))
+                    continue
+                new = replacement(e, event_decoder.decode(found[1]))
+                if new is None:
+                    results.append(ReplaceResult(outcome="unchanged", event_id=found[0]))
+                    continue
+                conn.execute(
+                    "UPDATE events SET kind = ?, attributed = ?, body = ? WHERE event_id = ?",
+                    (new.kind, int(new.attributed), event_encoder.encode(new), found[0]),
+                )
+                results.append(ReplaceResult(outcome="updated", event_id=found[0]))
+            return results
+
+        return await self._db.transaction(work)
+
+    async def find(self, partner: str, dedupe_keys: Sequence[str]) -> dict[str, AttributionEvent]:
+        keys = list(dict.fromkeys(dedupe_keys))
+
+        def work(conn: sqlite3.Connection) -> list[bytes]:
+            bodies: list[bytes] = []
+            for start in range(0, len(keys), 500):  # SQLite caps the number of parameters
+                chunk = keys[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                cur = conn.execute(
+                    f"SELECT body FROM events WHERE partner = ? AND dedupe_key IN ({marks})",  # noqa: S608
+                    (partner, *chunk),
+                )
+                bodies += [row[0] for row in cur.fetchall()]
+            return bodies
+
+        found = [event_decoder.decode(body) for body in await self._run(work)]
+        return {e.dedupe_key: e for e in found}
+
+    async def scan(
+        self, partner: str | None = None, after: str | None = None, limit: int = 500
+    ) -> list[AttributionEvent]:
+        def work(conn: sqlite3.Connection) -> list[bytes]:
+            # An unknown ``after`` compares with NULL: no rows, never a restart from the first.
+            sql = "SELECT body FROM events WHERE seq > "
+            sql += "0" if after is None else "(SELECT seq FROM events WHERE event_id = ?)"
+            args: list[str | int] = [] if after is None else [after]
+            if partner is not None:
+                sql += " AND partner = ?"
+                args.append(partner)
+            cur = conn.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit))
+            return [row[0] for row in cur.fetchall()]
+
+        return [event_decoder.decode(body) for body in await self._run(work)]
+
     async def add_key(self, record: KeyRecord, key_hash: str) -> None:
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -175,3 +252,13 @@ class SQLiteStorage:
             return cur.rowcount == 1
 
         return await self._run(work)
+
+    async def touch_key(self, key_id: str, at: datetime) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE api_keys SET last_used_at = ? WHERE key_id = ?"
+                " AND (last_used_at IS NULL OR last_used_at < ?)",
+                (at.isoformat(), key_id, at.isoformat()),
+            )
+
+        await self._run(work)
