@@ -21,7 +21,8 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath
 
-from gateway.body import PayloadTooLarge, check_encoding
+from gateway import openapi
+from gateway.body import PayloadTooLarge, RequestTimeout, check_encoding
 from gateway.config import Config, admin_token, config_path, load_config
 from gateway.errors import (
     BadRequest,
@@ -36,8 +37,12 @@ from gateway.events import event_encoder
 from gateway.metrics import CONTENT_TYPE, UNKNOWN_PARTNER, Metrics, result_of
 from gateway.plugins import LoadedPartner, load_partners
 from gateway.postback import Gateway
+from gateway.publish.relay import publishing
+from gateway.ratelimit import rate_limiting
 from gateway.reload import ConfigWatcher
+from gateway.retention import retention_job
 from gateway.status import open_status
+from gateway.status.buffer import BufferedStatus
 from gateway.storage import open_storage
 from gateway.ui import ui_router
 
@@ -46,6 +51,7 @@ log = logging.getLogger("gateway.http")
 MAX_EVENTS_LIMIT = 1000
 
 TRANSIENT = {
+    "plugin_failure": "the partner plugin failed on this payload; it is logged, retry later",
     "storage_unavailable": "storage unavailable; retry later",
     "status_unavailable": "status store (redis) unavailable; retry later",
 }
@@ -79,8 +85,12 @@ async def postback(request: Request[Any, Any, Any], partner: FromPath[str]) -> R
 
         async def read_body() -> bytes:
             check_encoding(request.headers)
-            try:
-                return await request.body()
+            timeout = gw.config.server.body_timeout_seconds
+            try:  # a body trickled slowly is cut off (gateway/protocol.py does so for all routes)
+                async with asyncio.timeout(timeout):  # no task per request, as wait_for makes
+                    return await request.body()
+            except TimeoutError:
+                raise RequestTimeout(f"request body not received within {timeout:g} s") from None
             except RequestEntityTooLarge:
                 limit = gw.config.limits.max_body_bytes
                 raise PayloadTooLarge(f"body larger than {limit} bytes") from None
@@ -156,14 +166,18 @@ async def partner_status(gw: Gateway, name: str) -> dict[str, Any]:
     }
 
 
-@get("/partners", guards=[admin_guard])
+@get("/partners", guards=[admin_guard], operation_class=openapi.ListPartners)
 async def list_partners(request: Request[Any, Any, Any]) -> Response[bytes]:
     gw = gateway_of(request)
     partners = [await partner_status(gw, name) for name in sorted(gw.partners)]
     return json_response({"partners": partners})
 
 
-@get("/partners/{partner:str}/status", guards=[admin_guard])
+@get(
+    "/partners/{partner:str}/status",
+    guards=[admin_guard],
+    operation_class=openapi.PartnerStatus,
+)
 async def get_partner_status(
     request: Request[Any, Any, Any], partner: FromPath[str]
 ) -> Response[bytes]:
@@ -173,7 +187,7 @@ async def get_partner_status(
     return json_response(await partner_status(gw, partner))
 
 
-@get("/events", guards=[admin_guard])
+@get("/events", guards=[admin_guard], operation_class=openapi.ListEvents)
 async def list_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     gw = gateway_of(request)
     partner = request.query_params.get("partner") or None
@@ -187,12 +201,12 @@ async def list_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response({"events": events})
 
 
-@get("/healthz")
+@get("/healthz", operation_class=openapi.Healthz)
 async def healthz() -> Response[bytes]:
     return json_response({"status": "ok"})
 
 
-@head("/healthz")
+@head("/healthz", operation_class=openapi.HealthzHead)
 async def healthz_head() -> None:
     """Load balancers probe with HEAD."""
 
@@ -219,7 +233,7 @@ async def _reachable(what: str, ping: Callable[[], Awaitable[None]]) -> bool:
     return True
 
 
-@get("/readyz")
+@get("/readyz", operation_class=openapi.Readyz)
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """200 when storage and the status store both answer, else 503 naming which does not."""
     gw = gateway_of(request)
@@ -234,7 +248,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response(body, 200 if storage_ok and status_ok else 503)
 
 
-@get("/metrics")
+@get("/metrics", operation_class=openapi.Metrics)
 async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus text format; open like /healthz (keep it off the public listener)."""
     return Response(
@@ -255,7 +269,7 @@ def on_gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Resp
         log.warning("%s: %s", exc.error, exc.reason)
         body = {"status": "error", "error": exc.error, "reason": TRANSIENT[exc.error]}
         return json_response(body, exc.status_code, {"Retry-After": "30"})
-    return json_response(exc.body(), exc.status_code)
+    return json_response(exc.body(), exc.status_code, exc.headers())  # 429: Retry-After
 
 
 def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
@@ -329,7 +343,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         storage = open_storage(config.storage.url)
-        status = open_status(config.status.redis_url, config.data_dir, config.status.key_prefix)
+        status = BufferedStatus(  # keeps what Redis could not take, writes it when it can
+            open_status(config.status.redis_url, config.data_dir, config.status.key_prefix),
+            metrics,
+        )
         await storage.open()
         try:
             await status.open()
@@ -337,7 +354,13 @@ def create_app(
                 gw = Gateway(config, partners, storage, status, metrics)
                 app.state.gateway = gw
                 app.state.admin_token = admin_token(config)
-                async with watching(config_file, gw):
+                _ = gw.key_secret  # read (or made) now: a problem shows at start
+                async with (
+                    watching(config_file, gw),
+                    rate_limiting(gw),
+                    retention_job(gw),
+                    publishing(config, metrics),  # the outbox is installed before serving
+                ):
                     yield
             finally:
                 await status.close()
@@ -349,6 +372,8 @@ def create_app(
         http_method=["GET", "POST"],
         status_code=200,
         request_max_body_size=config.limits.max_body_bytes,
+        operation_class=openapi.Postback,
+        operation_id=openapi.postback_operation_id,
     )(postback)
 
     return Litestar(
@@ -370,5 +395,5 @@ def create_app(
             Exception: on_unexpected,
         },
         logging_config=None,
-        openapi_config=None,
+        openapi_config=openapi.openapi_config(partners),  # /schema/openapi.json
     )

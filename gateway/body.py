@@ -19,12 +19,28 @@ from gateway.errors import BadRequest, GatewayError, Unauthorized
 KEY_FIELD = "api_key"
 
 _json = msgspec.json.Decoder()
+
+#: Deepest nesting of objects and arrays a JSON body (or a JSON text field) may have. Partners
+#: nest two or three levels; deeper is refused (400) before any plugin walks it, so that no
+#: mapping can exhaust Python's recursion limit on hostile input.
+MAX_JSON_DEPTH = 32
 _WHITESPACE = b" \t\r\n"
 
 
 class PayloadTooLarge(GatewayError):
     status_code = 413
     error = "payload_too_large"
+
+
+class RequestTimeout(GatewayError):
+    """The body did not arrive in time (``[server] body_timeout_seconds``): a slow or stalled
+    client. The connection is closed after the answer."""
+
+    status_code = 408
+    error = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class UnsupportedMediaType(GatewayError):
@@ -98,7 +114,7 @@ def parse_body(body: bytes, content_type: str, max_items: int) -> list[dict[str,
         raise BadRequest("malformed JSON: body must be a JSON object or an array of objects")
     if b"=" not in stripped:
         raise BadRequest("unreadable body: expected a JSON object or form-encoded fields")
-    return [dict(parse_query(stripped))]
+    return [dict(parse_query(stripped.rstrip(_WHITESPACE)))]
 
 
 def is_batch(body: bytes) -> bool:
@@ -115,6 +131,8 @@ def _parse_json(body: bytes, max_items: int) -> list[dict[str, Any]]:
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply") from None
+    if nested_deeper_than(data, MAX_JSON_DEPTH):
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(data, dict):
         return [data]
     if not isinstance(data, list):
@@ -127,6 +145,24 @@ def _parse_json(body: bytes, max_items: int) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise BadRequest(f"batch item {index} is not a JSON object")
     return data
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep (a scalar is
+    0 levels, ``{"a": 1}`` one); walked without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth + 1 > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def key_from_body(items: list[dict[str, Any]]) -> str | None:

@@ -21,9 +21,11 @@ from gateway.config import (
     load_config,
 )
 from gateway.errors import GatewayError, StatusUnavailable
-from gateway.keys import create_key, mask
-from gateway.plugins import PluginError, load_partners
+from gateway.keys import create_key, key_secret, mask
+from gateway.plugins import PluginError, load_partners, not_allowed_external
 from gateway.replay import add_commands, export_command, replay_command
+from gateway.retention import add_command as add_purge_command
+from gateway.retention import purge_command
 from gateway.scaffold import ScaffoldError, enable_in_config, render_partner
 from gateway.status import COUNTERS, open_status
 from gateway.storage import Storage, open_storage
@@ -67,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     conformance.add_argument("partners", nargs="*", help="partner names (default: all loaded)")
 
     add_commands(sub)  # replay, export
+    add_purge_command(sub)  # purge (retention)
 
     args = parser.parse_args(argv)
     if args.config is not None:
@@ -87,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return replay_command(config, args)
         if args.command == "export":
             return export_command(config, args)
+        if args.command == "purge":
+            return purge_command(config, args)
         return status_command(config)
     except (ConfigError, PluginError, ScaffoldError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
@@ -99,7 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def serve_command(config: Config, host: str | None, port: int | None, workers: int | None) -> int:
+#: The ASGI application ``serve`` runs (bench/ serves its bare endpoint through the same
+#: settings by passing another factory).
+APP = "gateway.app:create_app"
+
+
+def serve_command(
+    config: Config,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    app: str = APP,
+) -> int:
     import uvicorn
 
     from gateway.logs import LOG_CONFIG, setup_logging
@@ -109,6 +125,7 @@ def serve_command(config: Config, host: str | None, port: int | None, workers: i
     load_partners()
     asyncio.run(_preflight(config))
     admin_token(config)  # create it once, before the workers race for it
+    key_secret(config)  # the same
     workers = workers or config.server.workers
     prepare_multiprocess_dir(config.data_dir, workers)  # so /metrics adds up every worker
     setup_logging()
@@ -122,7 +139,7 @@ def serve_command(config: Config, host: str | None, port: int | None, workers: i
         flush=True,
     )
     uvicorn.run(
-        "gateway.app:create_app",
+        app,
         factory=True,
         host=host,
         port=port,
@@ -131,6 +148,11 @@ def serve_command(config: Config, host: str | None, port: int | None, workers: i
         log_config=LOG_CONFIG,
         server_header=False,
         timeout_graceful_shutdown=20,
+        loop="uvloop",  # chosen by measurement (bench/RESULTS.md); uvicorn[standard] has it
+        # httptools with header-size and slow-client limits (gateway/protocol.py); no
+        # WebSocket upgrades (the gateway has no WebSocket route).
+        http="gateway.protocol:GuardedHttpToolsProtocol",
+        ws="none",
     )
     return 0
 
@@ -174,7 +196,8 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
             known = ", ".join(sorted(partners)) or "none"
             print(f"gateway: unknown partner {args.partner!r} (known: {known})", file=sys.stderr)
             return 2
-        record, key = _with_storage(config, lambda s: create_key(s, args.partner))
+        secret = key_secret(config)
+        record, key = _with_storage(config, lambda s: create_key(s, args.partner, secret))
         if not config.partner_enabled(args.partner):
             print(f"note: partner {args.partner!r} is disabled in config", file=sys.stderr)
         print(f"Created key {record.key_id} for {args.partner}.")
@@ -241,6 +264,8 @@ def plugins_command(config: Config) -> int:
         enabled = "yes" if config.partner_enabled(name) else "no"
         methods = ",".join(loaded.spec.methods)
         print(f"{name:<14} {enabled:<8} {methods:<10} {loaded.source:<24} {loaded.version}")
+    for name in not_allowed_external():
+        print(f"{name:<14} installed, not loaded: add it to GATEWAY_PLUGINS to load it")
     return 0
 
 
@@ -273,6 +298,10 @@ def conformance_command(names: Sequence[str]) -> int:
     unknown = [n for n in names if n not in partners]
     if unknown:
         print(f"gateway: unknown partner(s): {', '.join(unknown)}", file=sys.stderr)
+        installed = set(not_allowed_external()) & set(unknown)
+        if installed:
+            print(f"  installed but not allowed: set GATEWAY_PLUGINS={','.join(sorted(installed))}",
+                  file=sys.stderr)  # fmt: skip
         return 2
     failed = 0
     for name in names or sorted(partners):

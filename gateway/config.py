@@ -10,6 +10,7 @@ Environment overrides:
 ``GATEWAY_STORAGE_URL``  ``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``postgresql://…``
 ``GATEWAY_REDIS_URL``    ``redis://…``; unset or empty means the embedded status store
 ``GATEWAY_ADMIN_TOKEN``  bearer token for the admin API
+``GATEWAY_KEY_SECRET``   server secret that keys partner API key hashes (HMAC-SHA256)
 ``GATEWAY_DATA_DIR``     folder for the embedded stores and the generated admin token
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +27,9 @@ from pathlib import Path
 import msgspec
 
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
+
+#: Shortest key secret accepted (characters); a generated one has 43.
+MIN_KEY_SECRET = 32
 
 
 class ConfigError(Exception):
@@ -35,6 +40,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    # Protocol limits of `gateway serve` (gateway/protocol.py): a request's line and headers
+    # (431 past max_header_bytes, 408 past header_timeout_seconds) and its body (408).
+    max_header_bytes: int = 64 * 1024
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
 
 
 class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -49,6 +59,47 @@ class StatusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: int = 64 * 1024
     max_batch_events: int = 50
+    # Per API key: at most rate_per_key requests per rate_window_seconds (0 = no limit); see
+    # gateway/ratelimit.py and docs/security.md.
+    rate_per_key: int = 0
+    rate_window_seconds: int = 3600
+
+
+class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Days after which stored events lose their raw payload / their device ids (0 = keep them);
+    # see gateway/retention.py and docs/security.md.
+    raw_payload_days: int = 0
+    device_ids_days: int = 0
+
+
+#: Publish engines (gateway/publish/): "auto" is "redis-stream" when a Redis URL is configured.
+PUBLISH_ENGINES = ("auto", "none", "redis-stream")
+
+
+class PublishConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Accepted events also go to downstream consumers, at least once, through an outbox in
+    # storage (gateway/publish/, README "Downstream consumers").
+    engine: str = "auto"
+    redis_url: str = ""  # empty: status.redis_url
+    stream: str = ""  # empty: <status.key_prefix>events
+    maxlen: int = 1_000_000  # the stream is trimmed to about this many entries; 0 = never
+    batch_size: int = 500  # events per XADD round trip
+    lease_seconds: float = 10.0  # one process publishes; another takes over this long after it died
+
+
+def _validate_publish(config: Config) -> None:
+    publish = config.publish
+    if publish.engine not in PUBLISH_ENGINES:
+        raise ConfigError(f"publish.engine must be one of {', '.join(PUBLISH_ENGINES)}")
+    url = publish.redis_url
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("publish.redis_url must be a redis:// URL or empty")
+    if not 0 <= publish.maxlen <= 1_000_000_000:
+        raise ConfigError("publish.maxlen must be 0 (never trim) or a positive number")
+    if not 1 <= publish.batch_size <= 10_000:
+        raise ConfigError("publish.batch_size must be between 1 and 10000")
+    if not 1 <= publish.lease_seconds <= 600:
+        raise ConfigError("publish.lease_seconds must be between 1 and 600")
 
 
 class PartnerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -67,11 +118,14 @@ def _default_restricted() -> list[str]:
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: str = "data"
     admin_token: str = ""
+    key_secret: str = ""
     restricted_networks: list[str] = msgspec.field(default_factory=_default_restricted)
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
     partners: dict[str, PartnerConfig] = msgspec.field(default_factory=_default_partners)
 
     def partner_enabled(self, name: str) -> bool:
@@ -101,9 +155,19 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     if env.get("GATEWAY_ADMIN_TOKEN"):
         config.admin_token = env["GATEWAY_ADMIN_TOKEN"]
     config.admin_token = config.admin_token.strip()
+    if env.get("GATEWAY_KEY_SECRET"):
+        config.key_secret = env["GATEWAY_KEY_SECRET"]
+    config.key_secret = config.key_secret.strip()
     if env.get("GATEWAY_DATA_DIR"):
         config.data_dir = env["GATEWAY_DATA_DIR"]
     validate(config)
+    if config.publish.engine == "redis-stream" and not (
+        config.publish.redis_url or config.status.redis_url
+    ):  # checked once the environment is in: GATEWAY_REDIS_URL may give the URL
+        raise ConfigError(
+            'publish.engine = "redis-stream" needs publish.redis_url or status.redis_url'
+            " (GATEWAY_REDIS_URL)"
+        )
     return config
 
 
@@ -113,7 +177,7 @@ def parse_config(path: Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_toml_text(text, path)
@@ -124,6 +188,9 @@ def parse_toml_text(text: str, path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    # A file lists the partners it enables: with no [partners.*] table at all, none is enabled
+    # (the built-in defaults are for running with no config file).
+    data.setdefault("partners", {})
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -147,13 +214,34 @@ def validate(config: Config) -> None:
         raise ConfigError("limits.max_batch_events must be between 1 and 10000")
     if not 1 <= config.server.workers <= 64:
         raise ConfigError("server.workers must be between 1 and 64")
+    if not 1024 <= config.server.max_header_bytes <= 1024 * 1024:
+        raise ConfigError("server.max_header_bytes must be between 1024 and 1048576")
+    for name in ("header_timeout_seconds", "body_timeout_seconds"):
+        if not 0.1 <= getattr(config.server, name) <= 600:
+            raise ConfigError(f"server.{name} must be between 0.1 and 600")
+    if config.key_secret and len(config.key_secret) < MIN_KEY_SECRET:
+        raise ConfigError(
+            f"key_secret (GATEWAY_KEY_SECRET) must be at least {MIN_KEY_SECRET} characters"
+        )
+    if not 0 <= config.limits.rate_per_key <= 1_000_000_000:
+        raise ConfigError("limits.rate_per_key must be 0 (no limit) or a positive number")
+    if not 1 <= config.limits.rate_window_seconds <= 31 * 24 * 3600:
+        raise ConfigError("limits.rate_window_seconds must be between 1 and 2678400 (31 days)")
+    for name in ("raw_payload_days", "device_ids_days"):
+        if not 0 <= getattr(config.retention, name) <= 36_500:
+            raise ConfigError(f"retention.{name} must be between 0 (keep) and 36500")
+    _validate_publish(config)
 
 
 def admin_token(config: Config) -> str:
     """The configured admin token, or one generated once and kept in the data folder."""
     if config.admin_token:
         return config.admin_token
-    path = Path(config.data_dir) / "admin-token"
+    return generated_secret(Path(config.data_dir) / "admin-token")
+
+
+def generated_secret(path: Path) -> str:
+    """The secret kept in ``path``, made (mode 600) on first use."""
     try:
         return path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -162,7 +250,7 @@ def admin_token(config: Config) -> str:
     token = secrets.token_urlsafe(32)
     # Write a private temporary file, then link it into place: the link fails if another
     # process got there first, and nobody ever reads a half-written token.
-    tmp = path.with_name(f".admin-token.{os.getpid()}.{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(token + "\n")
@@ -176,31 +264,52 @@ def admin_token(config: Config) -> str:
 
 
 def set_partner_enabled(config_file: Path, name: str, enabled: bool) -> None:
-    """Switch a partner on or off in a config file, keeping the rest of it (comments included).
+    """Switch a partner on or off in a config file, keeping the rest of it as it is (comments,
+    line endings, file mode; a symlink is written through).
 
     Adds ``[partners.<name>]`` when the file has none. The new file replaces the old one in one
-    rename, so a gateway watching it never reads half a file.
+    rename, so a gateway watching it never reads half a file. Refuses, saying why, a file that
+    declares partners in a layout it cannot edit (dotted keys, inline tables).
     """
-    text = config_file.read_text(encoding="utf-8") if config_file.exists() else ""
+    target = config_file.resolve()
+    raw = target.read_bytes().decode("utf-8") if target.exists() else ""  # line endings kept
+    bom = "\ufeff" if raw.startswith("\ufeff") else ""
+    crlf = "\r\n" in raw
+    text = raw.removeprefix("\ufeff").replace("\r\n", "\n")
+    if text.strip():
+        parse_toml_text(text, config_file)  # an invalid file is reported as it is
     value = "true" if enabled else "false"
-    table = re.compile(rf"^\[partners\.{re.escape(name)}\][ \t]*$", re.MULTILINE)
-    found = table.search(text)
+    header = rf"^[ \t]*\[[ \t]*partners[ \t]*\.[ \t]*{re.escape(name)}[ \t]*\][ \t]*(#.*)?$"
+    found = re.search(header, text, re.MULTILINE)
     if found is None:
         sep = "" if not text or text.endswith("\n") else "\n"
         text = f"{text}{sep}\n[partners.{name}]\nenabled = {value}\n"
     else:
         start = found.end()
-        following = re.search(r"^\[", text[start:], re.MULTILINE)
+        following = re.search(r"^[ \t]*\[", text[start:], re.MULTILINE)
         end = start + following.start() if following else len(text)
         body = text[start:end]
-        line = re.compile(r"^enabled[ \t]*=.*$", re.MULTILINE)
+        line = re.compile(r"^([ \t]*)enabled[ \t]*=[ \t]*[^\s#]*", re.MULTILINE)
         if line.search(body):
-            body = line.sub(f"enabled = {value}", body, count=1)
+            body = line.sub(lambda m: f"{m.group(1)}enabled = {value}", body, count=1)
         else:
             body = f"\nenabled = {value}" + body
         text = text[:start] + body + text[end:]
-    parse_toml_text(text, config_file)  # never write a file the gateway would refuse
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = config_file.with_name(f".{config_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, config_file)
+    try:
+        edited = parse_toml_text(text, config_file)
+    except ConfigError:
+        edited = None
+    if edited is None or edited.partner_enabled(name) != enabled:
+        raise ConfigError(
+            f"{config_file}: cannot switch {name!r} here: the file declares partners in a layout "
+            f"this cannot edit (dotted keys or inline tables); use a [partners.{name}] table "
+            "with enabled = true/false, or edit the file by hand"
+        )
+    if crlf:
+        text = text.replace("\n", "\r\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(bom + text, encoding="utf-8", newline="")
+    if target.exists():
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+    os.replace(tmp, target)

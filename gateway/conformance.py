@@ -286,7 +286,7 @@ def _round_trip(partner: LoadedPartner, tmp: Path) -> None:
 
     from gateway.app import create_app
     from gateway.config import Config, PartnerConfig, StorageConfig
-    from gateway.keys import create_key
+    from gateway.keys import create_key, key_secret
     from gateway.storage import open_storage
 
     name = partner.spec.name
@@ -302,7 +302,7 @@ def _round_trip(partner: LoadedPartner, tmp: Path) -> None:
         storage = open_storage(config.storage.url)
         await storage.open()
         try:
-            return (await create_key(storage, name))[1]
+            return (await create_key(storage, name, key_secret(config)))[1]
         finally:
             await storage.close()
 

@@ -25,6 +25,10 @@ class GatewayError(Exception):
             out["field"] = self.field
         return out
 
+    def headers(self) -> dict[str, str] | None:
+        """Headers the answer carries besides the JSON body."""
+        return None
+
 
 class BadRequest(GatewayError):
     """The request could not be read (malformed body, bad encoding, bad parameter)."""
@@ -50,6 +54,21 @@ class Conflict(GatewayError):
     error = "conflict"
 
 
+class RateLimited(GatewayError):
+    """The key has used up its requests for the current window (``[limits] rate_per_key``).
+    Transient: the partner retries after ``Retry-After`` seconds."""
+
+    status_code = 429
+    error = "rate_limited"
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class MappingError(GatewayError):
     """The payload was read but cannot become an attribution event.
 
@@ -69,6 +88,14 @@ class StorageUnavailable(GatewayError):
 
     status_code = 503
     error = "storage_unavailable"
+
+
+class PluginFailure(GatewayError):
+    """A partner plugin raised something other than MappingError: our bug, not the partner's.
+    Answered 500 so the partner retries once the plugin is fixed."""
+
+    status_code = 500
+    error = "plugin_failure"
 
 
 class StatusUnavailable(GatewayError):

@@ -29,6 +29,16 @@ ID_FIELDS: tuple[str, ...] = (
     "ad_id",
 )
 
+#: The ids of a device (not of a user): what ``[retention] device_ids_days`` removes.
+DEVICE_ID_FIELDS: tuple[str, ...] = (
+    "idfa",
+    "idfv",
+    "google_ad_id",
+    "android_id",
+    "windows_ad_id",
+    "partner_device_id",
+)
+
 #: Free-text fields: stripped, empty becomes null, otherwise kept exactly.
 TEXT_FIELDS: tuple[str, ...] = ("event_name", "source", "campaign", "adgroup", "ad", "app_id")
 

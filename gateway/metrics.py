@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.events import AttributionEvent
@@ -47,6 +47,10 @@ IGNORED = {"organic": "ignored_organic", "restricted_network": "ignored_restrict
 
 class Metrics:
     def __init__(self) -> None:
+        # Label children looked up once (labels() is slow for per-request calls); the label
+        # values are bounded (see above), so these stay small.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._event_children: dict[tuple[str, str, str], Any] = {}
         self.registry = CollectorRegistry()
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         self.postbacks = Counter(
@@ -78,11 +82,40 @@ class Metrics:
             "Status store (Redis or embedded) operations that failed or timed out.",
             registry=self.registry,
         )
+        self.status_pending = Gauge(
+            "gateway_status_pending",
+            "Status updates (one per postback) kept in memory until the status store takes them.",
+            registry=self.registry,
+            multiprocess_mode="livesum",  # every live worker's own count, added up
+        )
+        # Publishing (gateway/publish/): only the process holding the outbox lease publishes.
+        self.published = Counter(
+            "gateway_published_events",
+            "Events this process published downstream (a retried batch counts again).",
+            registry=self.registry,
+        )
+        self.publish_errors = Counter(
+            "gateway_publish_errors",
+            "Publishing rounds that failed (engine or outbox unavailable); retried after a pause.",
+            registry=self.registry,
+        )
+        self.publish_lag = Gauge(
+            "gateway_publish_lag_seconds",
+            "Age of the oldest event waiting in the outbox, as the publisher last saw it.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
 
     def observe_postback(self, partner: str, outcome: str, seconds: float) -> None:
         """``partner`` must already be a loaded partner's name or :data:`UNKNOWN_PARTNER`."""
-        self.postbacks.labels(partner, outcome).inc()
-        self.postback_duration.labels(partner).observe(seconds)
+        children = self._children.get((partner, outcome))
+        if children is None:  # labels() is slow for a per-request call: looked up once
+            children = self._children[(partner, outcome)] = (
+                self.postbacks.labels(partner, outcome),
+                self.postback_duration.labels(partner),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def count_events(
         self,
@@ -93,7 +126,11 @@ class Metrics:
         """One count per event, with the result it was answered with."""
         for event, result in zip(events, results, strict=True):
             if result is not None:
-                self.events.labels(partner, event.kind, result_of(result)).inc()
+                labels = (partner, event.kind, result_of(result))
+                child = self._event_children.get(labels)
+                if child is None:
+                    child = self._event_children[labels] = self.events.labels(*labels)
+                child.inc()
 
     def render(self) -> bytes:
         """The text exposition: this process's metrics, or every worker's in multiprocess mode."""

@@ -7,6 +7,7 @@ raises :class:`~gateway.errors.MappingError` naming it when a value is unusable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.body import MAX_JSON_DEPTH, nested_deeper_than
 from gateway.errors import MappingError
 from gateway.events import ID_FIELDS, TEXT_FIELDS, AttributionEvent
 
@@ -28,6 +30,7 @@ _MACRO = re.compile(r"^\{\{?[A-Za-z0-9_.$~-]+\}?\}$")
 _ID_MACRO = re.compile(r"^(\[[A-Za-z0-9_.$~-]+\]|%[A-Za-z0-9_]+%)$")
 _ZERO_ID = re.compile(r"^[0\-]+$")
 _NULL_IDS = frozenset({"null", "none", "nil", "undefined", "(null)", "unknown", "n/a"})
+_LONGEST_NULL_ID = max(len(word) for word in _NULL_IDS)
 _NUMERIC = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Earliest and latest times accepted: anything outside is a unit or data error.
@@ -42,6 +45,11 @@ def pick(payload: Mapping[str, Any], *paths: str) -> Any:
     A path may be dotted (``identity_link.braze_id``) to look inside nested objects.
     """
     for path in paths:
+        if type(payload) is dict and "." not in path:  # the common case, without the walk
+            value = payload.get(path)
+            if value is not None and _present(value):
+                return value
+            continue
         found = _lookup(payload, path.split("."), loose=False)
         if found is not None:
             return found[0]
@@ -54,23 +62,40 @@ def pick_named(payload: Mapping[str, Any], *paths: str, loose: bool = False) -> 
     value, the first path. ``loose`` compares keys at every level without case, ``_`` or ``-``
     (``braze_id``, ``brazeId``, ``Braze-ID``) and returns the path as the partner spelt it."""
     for path in paths:
+        if not loose and type(payload) is dict and "." not in path:  # as in pick()
+            value = payload.get(path)
+            if value is not None and _present(value):
+                return value, path
+            continue
         found = _lookup(payload, path.split("."), loose)
         if found is not None:
             return found
     return None, paths[0]
 
 
+def _present(value: Any) -> bool:
+    """Not blank and not an unfilled ``{macro}`` (None is checked by the caller)."""
+    if type(value) is not str and not isinstance(value, str):
+        return True
+    stripped = value.strip()
+    return bool(stripped) and not (stripped[0] == "{" and _MACRO.match(stripped))
+
+
 def _lookup(value: Any, parts: list[str], loose: bool) -> tuple[Any, str] | None:
     """The present value under the keys ``parts`` with its path as sent; None when absent."""
     if not parts:
-        if isinstance(value, str) and (not value.strip() or _MACRO.match(value.strip())):
-            return None
-        return None if value is None else (value, "")
-    if not isinstance(value, Mapping):
+        return None if value is None or not _present(value) else (value, "")
+    if type(value) is not dict and not isinstance(value, Mapping):
         return None
+    if len(parts) > 1 and (flat := ".".join(parts)) in value:
+        # A flat key that contains dots, as query strings send nested fields.
+        found = _lookup(value[flat], [], loose)
+        if found is not None:
+            return found[0], flat
     part, rest = parts[0], parts[1:]
     if loose:
-        keys = [k for k in value if isinstance(k, str) and _fold(k) == _fold(part)]
+        folded = _fold(part)
+        keys = [k for k in value if isinstance(k, str) and _fold(k) == folded]
     else:
         keys = [part] if part in value else []
     for key in keys:
@@ -80,6 +105,7 @@ def _lookup(value: Any, parts: list[str], loose: bool) -> tuple[Any, str] | None
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # field names repeat from one postback to the next
 def _fold(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
 
@@ -94,6 +120,8 @@ def json_object(value: Any, field: str) -> Mapping[str, Any]:
             value = msgspec.json.decode(value)
         except (msgspec.DecodeError, RecursionError):
             raise MappingError(field, "expected a JSON object") from None
+        if nested_deeper_than(value, MAX_JSON_DEPTH):
+            raise MappingError(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(value, Mapping):
         raise MappingError(field, f"expected a JSON object, got {_kind(value)}")
     return value
@@ -105,6 +133,15 @@ def text(value: Any, field: str) -> str | None:
     else is kept exactly as sent (any script, emoji, brackets)."""
     if value is None:
         return None
+    if type(value) is str:  # the common case first
+        out = value.strip()
+        if not out or (out[0] == "{" and _MACRO.match(out)):
+            return None
+        if len(out) > _MAX_TEXT:
+            raise MappingError(field, f"longer than {_MAX_TEXT} characters")
+        if "\x00" in out:
+            raise MappingError(field, "contains a NUL character")
+        return out
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -131,7 +168,14 @@ def device_id(value: Any, field: str) -> str | None:
     """A device or user id: like :func:`text`, and all-zero ids, null words (``null``,
     ``undefined``, …) and macros in any bracket style become None."""
     out = text(value, field)
-    if out is None or _ZERO_ID.match(out) or out.lower() in _NULL_IDS or _ID_MACRO.match(out):
+    if out is None:
+        return None
+    first = out[0]  # each pattern below is anchored at a character it starts with
+    if first in "0-" and _ZERO_ID.match(out):
+        return None
+    if first in "[%" and _ID_MACRO.match(out):
+        return None
+    if len(out) <= _LONGEST_NULL_ID and out.lower() in _NULL_IDS:
         return None
     return out
 

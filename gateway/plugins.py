@@ -38,6 +38,13 @@ class LoadedPartner(msgspec.Struct, frozen=True):
     spec: PartnerSpec
     source: str  # "built-in" or the distribution that provides it
     version: str
+    origin: str = ""  # for messages: the distribution, or "built-in (plugins.<name>)"
+
+
+def not_allowed_external(allow: Iterable[str] | None = None) -> list[str]:
+    """Installed third-party partner plugins that the allow-list leaves out."""
+    wanted = allowed_external() if allow is None else frozenset(allow)
+    return sorted(set(metadata.entry_points(group=ENTRY_POINT_GROUP).names) - wanted)
 
 
 def allowed_external(env: Mapping[str, str] | None = None) -> frozenset[str]:
@@ -71,7 +78,14 @@ def load_partners(
     own_version = _version("attribution-gateway")
 
     for module_path in builtin_plugins() if builtins is None else builtins:
-        module = importlib.import_module(module_path)
+        try:
+            module = importlib.import_module(module_path)
+        except Exception as exc:
+            where = f" ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
+            raise PluginError(
+                f"built-in plugin {module_path!r} failed to import{where}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         pm.register(module, name=module_path)
         sources[module_path] = ("built-in", own_version)
 
@@ -109,17 +123,35 @@ def load_partners(
     for impl in pm.hook.register_partners.get_hookimpls():
         source, version = sources.get(impl.plugin_name, (impl.plugin_name, "unknown"))
 
-        def register(spec: PartnerSpec, _src: str = source, _ver: str = version) -> None:
-            if not isinstance(spec, PartnerSpec):
-                raise PluginError(f"{_src}: register() takes a PartnerSpec, got {spec!r}")
-            if not PARTNER_NAME.match(spec.name):
-                raise PluginError(f"{_src}: invalid partner name {spec.name!r}")
-            if spec.name in partners:
-                other = partners[spec.name].source
-                raise PluginError(f"partner {spec.name!r} registered twice ({other}, {_src})")
-            partners[spec.name] = LoadedPartner(spec=spec, source=_src, version=_ver)
+        where = f"{source} ({impl.plugin_name})" if source == "built-in" else source
 
-        impl.function(register=register)
+        def register(
+            spec: PartnerSpec, _src: str = source, _ver: str = version, where: str = where
+        ) -> None:
+            if not isinstance(spec, PartnerSpec):
+                raise PluginError(f"{where}: register() takes a PartnerSpec, got {spec!r}")
+            if not PARTNER_NAME.match(spec.name):
+                raise PluginError(f"{where}: invalid partner name {spec.name!r}")
+            if not spec.methods or not set(spec.methods) <= {"GET", "POST"}:
+                raise PluginError(
+                    f"{where}: partner {spec.name!r} methods must be GET and/or POST, "
+                    f"got {spec.methods!r}"
+                )
+            if spec.name in partners:
+                other = partners[spec.name]
+                raise PluginError(
+                    f"partner {spec.name!r} registered twice ({other.origin}, {where})"
+                )
+            partners[spec.name] = LoadedPartner(spec=spec, source=_src, version=_ver, origin=where)
+
+        try:
+            impl.function(register=register)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{where}: register_partners failed: {type(exc).__name__}: {exc}"
+            ) from exc
     return partners
 
 

@@ -2,9 +2,10 @@
 
 Each gateway process watches its config file (and re-reads it at once on SIGHUP). A file that
 does not parse or validate is refused with a logged reason and the running config is kept.
-Partners (enabled or not), restricted networks and the batch limit take effect at once; the
-settings that shape processes and connections (storage, Redis, data folder, server, body size,
-admin token) are read at start only, and a change to them is logged as needing a restart.
+Partners (enabled or not), restricted networks, the batch limit, the rate limit and retention
+take effect at once; the settings that shape processes and connections (storage, Redis,
+publishing, data folder, server, body size, admin token, key secret) are read at start only, and
+a change to them is logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def live_part(running: Config, new: Config) -> Config:
         "server": (running.server, new.server),
         "limits.max_body_bytes": (running.limits.max_body_bytes, new.limits.max_body_bytes),
         "admin_token": (running.admin_token, new.admin_token),
+        "key_secret": (running.key_secret, new.key_secret),
+        "publish": (running.publish, new.publish),
     }
     for name, (old, changed) in restart_only.items():
         if old != changed:
@@ -42,8 +45,12 @@ def live_part(running: Config, new: Config) -> Config:
         partners=new.partners,
         restricted_networks=new.restricted_networks,
         limits=msgspec.structs.replace(
-            running.limits, max_batch_events=new.limits.max_batch_events
+            running.limits,
+            max_batch_events=new.limits.max_batch_events,
+            rate_per_key=new.limits.rate_per_key,
+            rate_window_seconds=new.limits.rate_window_seconds,
         ),
+        retention=new.retention,
     )
 
 

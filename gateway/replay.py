@@ -30,7 +30,7 @@ from gateway.events import AttributionEvent, event_encoder
 from gateway.normalise import timestamp
 from gateway.plugins import LoadedPartner, load_partners
 from gateway.postback import Gateway, Writer
-from gateway.status import StatusRecord
+from gateway.status import Delta, StatusRecord
 from gateway.storage import ReplaceResult, Storage, StoreResult, open_storage, replacement
 
 #: Events written per storage transaction.
@@ -244,6 +244,9 @@ class NoStatus:
     async def record(
         self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
     ) -> None:
+        raise RuntimeError("a replay does not record status")
+
+    async def record_batch(self, batch: Mapping[str, Delta], writer: str, seq: int) -> None:
         raise RuntimeError("a replay does not record status")
 
     async def get(self, partner: str) -> StatusRecord:

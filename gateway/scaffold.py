@@ -19,6 +19,11 @@ TEMPLATE_PACKAGE = "plugins._template"
 TEMPLATE_NAME = "example"
 TEMPLATE_DISPLAY = "Example Partner"
 FRAGMENT = "pyproject.fragment.toml"
+# What only the template needs (how to copy it) is left out of a rendered partner.
+_TEMPLATE_ONLY = re.compile(
+    r"<!-- template-only -->.*?<!-- /template-only -->\n*|^# template-only:[^\n]*\n\n?",
+    re.DOTALL | re.MULTILINE,
+)
 _SKIP = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 
 
@@ -40,6 +45,11 @@ def render_partner(name: str, external: Path | None = None) -> Path:
             "starting with a letter or digit"
         )
     module = name.replace("-", "_")
+    if not module.isidentifier() or module.startswith("_"):
+        raise ScaffoldError(
+            f"invalid partner name {name!r} for a plugin: it must start with a letter, so that "
+            f"plugins/{module} is a Python package"
+        )
     display = " ".join(part.capitalize() for part in re.split(r"[-_]", name))
     source = template_dir()
     if external is None:
@@ -64,6 +74,7 @@ def render_partner(name: str, external: Path | None = None) -> Path:
     ]
 
     def render(text: str) -> str:
+        text = _TEMPLATE_ONLY.sub("", text)
         for old, new in replacements:
             text = text.replace(old, new)
         return re.sub(rf"\b{TEMPLATE_NAME}\b", name, text)

@@ -68,6 +68,7 @@ COUNTER_LABELS: dict[str, str] = {
     "ignored_restricted": "Ignored: restricted network",
     "rejected": "Rejected (400/413/422)",
     "unauthorized": "Refused key (401)",
+    "rate_limited": "Rate limited (429)",
 }
 
 _KEY_ID = re.compile(r"key_[0-9a-f]{1,64}")
@@ -462,7 +463,7 @@ async def create_partner_key(
     if isinstance(checked, Response):
         return checked
     session, gw = checked
-    record, key = await create_key(gw.storage, partner)
+    record, key = await create_key(gw.storage, partner, gw.key_secret)
     log.info(
         "key created from the partners page", extra={"partner": partner, "key_id": record.key_id}
     )
@@ -574,4 +575,5 @@ def ui_router() -> Router:
             Exception: _on_unexpected,
         },
         request_max_body_size=MAX_FORM_BYTES,
+        include_in_schema=False,  # HTML pages: not part of the API's OpenAPI document
     )

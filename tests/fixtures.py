@@ -23,7 +23,7 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.config import Config, PartnerConfig, load_config
-from gateway.keys import create_key
+from gateway.keys import create_key, key_secret
 from gateway.storage import open_storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def new_key(config: Config, partner: str = "kochava") -> str:
         storage = open_storage(config.storage.url)
         await storage.open()
         try:
-            return (await create_key(storage, partner))[1]
+            return (await create_key(storage, partner, key_secret(config)))[1]
         finally:
             await storage.close()
 

@@ -18,7 +18,7 @@ from litestar.testing import TestClient
 from gateway import AttributionEvent, PartnerSpec
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.keys import hash_key
+from gateway.keys import hash_key, key_secret
 from gateway.normalise import text, timestamp
 from gateway.plugins import LoadedPartner, load_partners
 from gateway.storage import open_storage
@@ -83,7 +83,9 @@ def revoke(config: Config, partner: str, key: str) -> None:
         await storage.open()
         try:
             pairs = await storage.active_key_hashes(partner)
-            (key_id,) = [kid for kid, stored in pairs if stored == hash_key(key)]
+            (key_id,) = [
+                kid for kid, stored in pairs if stored == hash_key(key, key_secret(config))
+            ]
             assert await storage.revoke_key(key_id, datetime.now(UTC))
         finally:
             await storage.close()

@@ -14,7 +14,23 @@ from tests.fixtures import ROOT, make_config, new_key
 
 
 def test_shipped_config_is_the_embedded_defaults() -> None:
-    assert load_config(ROOT / "config" / "gateway.toml", env={}) == Config()
+    """Apart from partners you add to it yourself, the shipped file is the embedded defaults."""
+    shipped = load_config(ROOT / "config" / "gateway.toml", env={})
+    defaults = Config()
+    assert msgspec.structs.replace(shipped, partners={}) == msgspec.structs.replace(
+        defaults, partners={}
+    )
+    assert {n: p for n, p in shipped.partners.items() if n in defaults.partners} == (
+        defaults.partners
+    )
+
+
+def test_a_config_file_without_partners_enables_none(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text("\ufeff# nothing but a comment, after a byte-order mark\n")
+    config = load_config(env={"GATEWAY_CONFIG": str(path)})
+    assert config.partners == {}
+    assert not config.partner_enabled("kochava")
 
 
 def test_production_example_parses() -> None:

@@ -14,7 +14,16 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from tests.fixtures import ADMIN_TOKEN, LiveGateway, kochava_samples, start_gateway, stop_gateway
+from tests.fixtures import (
+    ADMIN_TOKEN,
+    REDIS_URL,
+    ROOT,
+    LiveGateway,
+    kochava_samples,
+    start_gateway,
+    stop_gateway,
+)
+from tests.test_storage import postgres_database
 
 SAMPLES = kochava_samples()
 INSTALL = SAMPLES["install_ios_attributed.json"]
@@ -120,6 +129,46 @@ def test_two_processes_over_one_sqlite_file_store_one_event(tmp_path: Path) -> N
         assert gateway.process.poll() is not None
 
 
+def test_two_processes_over_postgres_and_redis_store_one_event(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """The production layout: two gateway processes sharing one PostgreSQL database (a fresh
+    one) and one Redis (under a private key prefix), the same postback sent to both at once."""
+    config_file = tmp_path / "gateway.toml"
+    toml = (ROOT / "config" / "gateway.toml").read_text()
+    assert 'key_prefix = "gateway:"' in toml
+    config_file.write_text(
+        toml.replace('key_prefix = "gateway:"', f'key_prefix = "{redis_prefix}"')
+    )
+    with postgres_database() as url:
+        env = {
+            "GATEWAY_CONFIG": str(config_file),
+            "GATEWAY_STORAGE_URL": url,
+            "GATEWAY_REDIS_URL": REDIS_URL,
+            # Hosts sharing a database share the secret their key hashes are keyed with.
+            "GATEWAY_KEY_SECRET": "two-processes-share-this-key-secret-0123456789",
+        }
+        gateways: list[LiveGateway] = []
+        try:
+            for name in ("a", "b"):
+                (tmp_path / name).mkdir()
+                gateways.append(start_gateway(tmp_path / name, env))
+            a, b = gateways
+            key = a.create_key()
+            answers = asyncio.run(send_20([a.base_url, b.base_url], key))
+            event_id = assert_one_accepted(answers)
+            for gateway in gateways:
+                assert_stored_once(live_events(gateway), event_id, "fake-txn-0001")
+                status = httpx.get(
+                    gateway.base_url + "/partners/kochava/status", headers=ADMIN, timeout=10
+                ).json()
+                assert (status["counters"]["accepted"], status["counters"]["duplicate"]) == (1, 19)
+                assert status["connected"] is True
+        finally:
+            for gateway in gateways:
+                stop_gateway(gateway)
+
+
 # -- in process, over both status stores -----------------------------------------------------
 
 
@@ -170,6 +219,7 @@ def test_same_install_20_times_in_process(
         "ignored_restricted": 0,
         "rejected": 0,
         "unauthorized": 0,
+        "rate_limited": 0,
     }
 
 

@@ -1508,3 +1508,38 @@ def test_batch_of_one_is_answered_as_a_batch(
         "event_id": single.json()["event_id"],
         "kind": "install",
     }
+
+
+# -- white space around a form body; a plugin that crashes -------------------------------------
+
+
+def test_a_form_body_ending_in_a_newline_is_the_same_postback(
+    client: TestClient[Any], api_key: str, admin: dict[str, str]
+) -> None:
+    fields = {k: v for k, v in json.loads(kochava_samples()[IOS]).items() if k != "transaction_id"}
+    body = urlencode(fields).encode()
+    url = f"/partners/kochava/postback?api_key={api_key}"
+    first = client.post(url, content=body + b"\n", headers=FORM)
+    again = client.post(url, content=body, headers=FORM)
+    assert (first.status_code, again.status_code) == (202, 200), again.text
+    assert again.json() == {"status": "duplicate", "event_id": first.json()["event_id"]}
+    [event] = events(client, admin)
+    assert not any(str(v).endswith("\n") for v in event["raw"].values())
+
+
+def test_a_plugin_that_crashes_answers_500_so_the_partner_retries(tmp_path: Path) -> None:
+    from gateway import PartnerSpec
+    from gateway.plugins import LoadedPartner
+
+    def crash(payload: Any) -> Any:
+        raise ZeroDivisionError("a plugin bug")
+
+    config = make_config(tmp_path, crashy=True)
+    crashy = LoadedPartner(spec=PartnerSpec(name="crashy", map=crash), source="t", version="0")
+    key = new_key(config, "crashy")
+    with TestClient(create_app(config, partners={"crashy": crashy})) as client:
+        r = client.post(f"/partners/crashy/postback?api_key={key}", json={"a": 1})
+        assert r.status_code == 500
+        assert r.json()["error"] == "plugin_failure"
+        assert "retry" in r.json()["reason"] and "ZeroDivisionError" not in r.text
+        assert r.headers["retry-after"] == "30"

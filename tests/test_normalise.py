@@ -454,7 +454,7 @@ def test_pick_dotted_paths() -> None:
     assert pick(payload, "identity_link.empty", "identity_link.missing", "flat") == "f"
     assert pick(payload, "flat.inner") is None  # through a string: not an object
     assert pick(payload, "identity_link.braze_id.deeper") is None
-    assert pick({"a.b": "literal"}, "a.b") is None  # a dot always means nesting
+    assert pick({"a.b": "literal"}, "a.b") == "literal"  # a flat key with a dot, as sent
 
 
 @pytest.mark.parametrize("macro", ["{campaign}", "{{campaign}}", " {campaign_name} ", "{$x.y~z-1}"])
@@ -682,3 +682,10 @@ def test_json_object_refuses_anything_else_naming_the_field(value: Any) -> None:
     with pytest.raises(MappingError) as err:
         json_object(value, "custom_data")
     assert err.value.field == "custom_data"
+
+
+def test_pick_finds_a_flat_key_that_contains_dots() -> None:
+    """Query strings send nested fields flat: ?value.amount=4.99."""
+    assert pick({"value.amount": "4.99"}, "value.amount") == "4.99"
+    assert pick_named({"value.amount": "4.99"}, "x", "value.amount") == ("4.99", "value.amount")
+    assert pick({"value": {"amount": 1}}, "value.amount") == 1

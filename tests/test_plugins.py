@@ -46,7 +46,7 @@ BUILT_IN = {"adjust", "appsflyer", "branch", "kochava", "singular", "tune"}
 
 def test_builtin_partners_are_loaded_as_plugins() -> None:
     partners = load_partners(allow=())
-    assert set(partners) == BUILT_IN
+    assert set(partners) >= BUILT_IN  # and any partner you added to plugins/
     assert {p.source for p in partners.values()} == {"built-in"}
     kochava = partners["kochava"]
     assert kochava.source == "built-in"
@@ -89,4 +89,29 @@ def test_hook_register_partners(temp_modules: list[str]) -> None:
 
 def test_external_plugins_need_the_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_PLUGINS", "")
-    assert set(load_partners()) == BUILT_IN
+    assert {p.source for p in load_partners().values()} == {"built-in"}
+
+
+def test_a_builtin_that_fails_to_import_is_named(temp_modules: list[str]) -> None:
+    with pytest.raises(PluginError, match=r"built-in plugin 'no_such_partner_module' failed"):
+        load_partners(builtins=("no_such_partner_module",), allow=())
+
+
+def test_register_partners_raising_is_named(temp_modules: list[str]) -> None:
+    @hookimpl
+    def register_partners(register: Callable[[PartnerSpec], None]) -> None:
+        raise KeyError("boom")
+
+    temp_modules.append(_module("acme_raises", register_partners=register_partners))
+    with pytest.raises(PluginError, match=r"acme_raises.*register_partners failed: KeyError"):
+        load_partners(builtins=("acme_raises",), allow=())
+
+
+@pytest.mark.parametrize("methods", [(), ("get",), ("PUT",)])
+def test_partner_methods_must_be_get_or_post(
+    temp_modules: list[str], methods: tuple[str, ...]
+) -> None:
+    spec = PartnerSpec(name="acme", map=_mapper, methods=methods)
+    temp_modules.append(_module("acme_methods", register_partners=_registering(spec)))
+    with pytest.raises(PluginError, match="methods must be GET and/or POST"):
+        load_partners(builtins=("acme_methods",), allow=())

@@ -182,3 +182,43 @@ def test_set_partner_enabled_never_writes_an_invalid_file(tmp_path: Path) -> Non
     with pytest.raises(ConfigError):
         set_partner_enabled(path, "kochava", True)
     assert path.read_text() == "[limits]\nmax_body_bytes = 0\n"
+
+
+def test_toggle_handles_comments_crlf_modes_and_symlinks(tmp_path: Path) -> None:
+    real = tmp_path / "real.toml"
+    real.write_bytes(b"[partners.kochava]   # the main partner\r\nenabled = true  # on\r\n")
+    real.chmod(0o640)
+    link = tmp_path / "gateway.toml"
+    link.symlink_to(real)
+    set_partner_enabled(link, "kochava", False)
+    assert link.is_symlink()
+    assert (
+        real.read_bytes() == b"[partners.kochava]   # the main partner\r\nenabled = false  # on\r\n"
+    )
+    assert real.stat().st_mode & 0o777 == 0o640
+    assert not parse_config(link).partner_enabled("kochava")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["partners.kochava.enabled = true\n", "[partners]\nkochava = { enabled = true }\n"],
+    ids=["dotted keys", "inline table"],
+)
+def test_toggle_refuses_layouts_it_cannot_edit_saying_so(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="layout this cannot edit"):
+        set_partner_enabled(path, "kochava", False)
+    assert path.read_text() == text
+
+
+def test_a_reload_naming_a_partner_without_a_plugin_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config_file = tmp_path / "gateway.toml"
+    shutil.copyfile(ROOT / "config" / "gateway.toml", config_file)
+    config = make_config(tmp_path / "data")
+    with TestClient(create_app(config, config_file=config_file)) as client:
+        set_partner_enabled(config_file, "kochavaa", True)
+        client.app.state.gateway.config_watcher.check()
+    assert "config names partner 'kochavaa' but no plugin provides it" in caplog.text

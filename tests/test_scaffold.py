@@ -1,4 +1,4 @@
-"""`gateway new-partner acme` on a clean clone creates a partner that, enabled in config, accepts
+"""`gateway new-partner zprobe` on a clean clone creates a partner that, enabled in config, accepts
 its own sample postback end to end through HTTP and passes the conformance kit, without editing a
 line.
 
@@ -89,19 +89,19 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Clone:
 
 @pytest.fixture(scope="module")
 def checkout_before() -> tuple[bool, bytes]:
-    return (ROOT / "plugins" / "acme").exists(), (ROOT / "config" / "gateway.toml").read_bytes()
+    return (ROOT / "plugins" / "zprobe").exists(), (ROOT / "config" / "gateway.toml").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def acme(clone: Clone, checkout_before: tuple[bool, bytes]) -> Completed:
-    """`gateway new-partner acme --enable`, run once in the clone."""
-    return clone.run("new-partner", "acme", "--enable")
+def zprobe(clone: Clone, checkout_before: tuple[bool, bytes]) -> Completed:
+    """`gateway new-partner zprobe --enable`, run once in the clone."""
+    return clone.run("new-partner", "zprobe", "--enable")
 
 
 @pytest.fixture(scope="module")
-def acme_gateway(clone: Clone, acme: Completed) -> Iterator[LiveGateway]:
+def zprobe_gateway(clone: Clone, zprobe: Completed) -> Iterator[LiveGateway]:
     """A real `gateway serve` started in the clone (its cwd, code and config file)."""
-    assert acme.returncode == 0, acme.stderr
+    assert zprobe.returncode == 0, zprobe.stderr
     gateway = start_gateway(
         clone.path,
         extra_env={
@@ -117,11 +117,13 @@ def acme_gateway(clone: Clone, acme: Completed) -> Iterator[LiveGateway]:
 
 
 def test_new_partner_renders_into_the_clone_only(
-    clone: Clone, acme: Completed, checkout_before: tuple[bool, bytes]
+    clone: Clone, zprobe: Completed, checkout_before: tuple[bool, bytes]
 ) -> None:
-    assert acme.returncode == 0, acme.stderr
-    folder = clone.path / "plugins" / "acme"
-    assert f"Created partner 'acme' in {folder}." in acme.stdout  # `import plugins` was the copy
+    assert zprobe.returncode == 0, zprobe.stderr
+    folder = clone.path / "plugins" / "zprobe"
+    assert (
+        f"Created partner 'zprobe' in {folder}." in zprobe.stdout
+    )  # `import plugins` was the copy
     for name in ("__init__.py", "mapping.py", "README.md"):
         assert (folder / name).is_file(), name
     for name in ("samples", "tests"):
@@ -134,14 +136,14 @@ def test_new_partner_renders_into_the_clone_only(
     assert (folder / "tests" / "test_mapping.py").is_file()
     # The template stays, and this checkout is untouched.
     assert (clone.path / "plugins" / "_template" / "__init__.py").is_file()
-    assert not checkout_before[0], "the checkout has a plugins/acme of its own"
-    assert not (ROOT / "plugins" / "acme").exists()
+    assert not checkout_before[0], "the checkout has a plugins/zprobe of its own"
+    assert not (ROOT / "plugins" / "zprobe").exists()
     assert (ROOT / "config" / "gateway.toml").read_bytes() == checkout_before[1]
 
 
-def test_rendered_partner_has_no_template_names_left(clone: Clone, acme: Completed) -> None:
-    assert acme.returncode == 0, acme.stderr
-    folder = clone.path / "plugins" / "acme"
+def test_rendered_partner_has_no_template_names_left(clone: Clone, zprobe: Completed) -> None:
+    assert zprobe.returncode == 0, zprobe.stderr
+    folder = clone.path / "plugins" / "zprobe"
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
     assert len(files) >= 8
     for path in files:
@@ -152,24 +154,24 @@ def test_rendered_partner_has_no_template_names_left(clone: Clone, acme: Complet
             assert "Example Partner" not in where, rel
             assert "_template" not in where, rel
     init = (folder / "__init__.py").read_text(encoding="utf-8")
-    assert 'name="acme"' in init and 'display_name="Acme"' in init
-    assert "from plugins.acme.mapping import map_postback" in init
+    assert 'name="zprobe"' in init and 'display_name="Zprobe"' in init
+    assert "from plugins.zprobe.mapping import map_postback" in init
 
 
-def test_enable_adds_the_partner_to_the_config_file(clone: Clone, acme: Completed) -> None:
-    assert acme.returncode == 0, acme.stderr
+def test_enable_adds_the_partner_to_the_config_file(clone: Clone, zprobe: Completed) -> None:
+    assert zprobe.returncode == 0, zprobe.stderr
     config = tomllib.loads((clone.path / "config" / "gateway.toml").read_text(encoding="utf-8"))
-    assert config["partners"]["acme"] == {"enabled": True}
+    assert config["partners"]["zprobe"] == {"enabled": True}
     assert config["partners"]["kochava"] == {"enabled": True}
-    assert "Enabled it in config/gateway.toml." in acme.stdout
+    assert "Enabled it in config/gateway.toml." in zprobe.stdout
 
 
-def test_new_partner_refuses_an_existing_folder(clone: Clone, acme: Completed) -> None:
-    assert acme.returncode == 0, acme.stderr
+def test_new_partner_refuses_an_existing_folder(clone: Clone, zprobe: Completed) -> None:
+    assert zprobe.returncode == 0, zprobe.stderr
     before = clone.files()
-    again = clone.run("new-partner", "acme", "--enable")
+    again = clone.run("new-partner", "zprobe", "--enable")
     assert again.returncode == 2
-    assert f"{clone.path / 'plugins' / 'acme'} already exists" in again.stderr
+    assert f"{clone.path / 'plugins' / 'zprobe'} already exists" in again.stderr
     assert "Traceback" not in again.stderr
     assert clone.files() == before  # the config file is not enabled twice either
 
@@ -177,40 +179,40 @@ def test_new_partner_refuses_an_existing_folder(clone: Clone, acme: Completed) -
 # -- the new partner, loaded ---------------------------------------------------------------------
 
 
-def test_plugins_lists_it_as_built_in_and_enabled(clone: Clone, acme: Completed) -> None:
-    assert acme.returncode == 0, acme.stderr
+def test_plugins_lists_it_as_built_in_and_enabled(clone: Clone, zprobe: Completed) -> None:
+    assert zprobe.returncode == 0, zprobe.stderr
     done = clone.run("plugins")
     assert done.returncode == 0, done.stderr
     rows = plugin_rows(done.stdout)
-    assert rows["acme"][:3] == ["yes", "GET,POST", "built-in"]
+    assert rows["zprobe"][:3] == ["yes", "GET,POST", "built-in"]
     assert rows["kochava"][:3] == ["yes", "GET,POST", "built-in"]
     assert "example" not in rows  # the template is no partner
 
 
-def test_it_passes_the_conformance_kit(clone: Clone, acme: Completed) -> None:
-    assert acme.returncode == 0, acme.stderr
-    done = clone.run("conformance", "acme")
+def test_it_passes_the_conformance_kit(clone: Clone, zprobe: Completed) -> None:
+    assert zprobe.returncode == 0, zprobe.stderr
+    done = clone.run("conformance", "zprobe")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1] == "all promises kept"
-    assert "ok   acme http_round_trip" in done.stdout
+    assert "ok   zprobe http_round_trip" in done.stdout
     assert "FAIL" not in done.stdout
 
 
-def test_its_own_tests_pass(clone: Clone, acme: Completed) -> None:
-    assert acme.returncode == 0, acme.stderr
-    done = clone.python("pytest", "-q", "-p", "no:cacheprovider", "plugins/acme")
+def test_its_own_tests_pass(clone: Clone, zprobe: Completed) -> None:
+    assert zprobe.returncode == 0, zprobe.stderr
+    done = clone.python("pytest", "-q", "-p", "no:cacheprovider", "plugins/zprobe")
     assert done.returncode == 0, done.stdout + done.stderr
     assert " passed" in done.stdout and "failed" not in done.stdout
     assert "skipped" not in done.stdout
 
 
-def test_its_samples_go_end_to_end_through_http(clone: Clone, acme_gateway: LiveGateway) -> None:
-    keys = clone.run("keys", "create", "acme", env=acme_gateway.env)
+def test_its_samples_go_end_to_end_through_http(clone: Clone, zprobe_gateway: LiveGateway) -> None:
+    keys = clone.run("keys", "create", "zprobe", env=zprobe_gateway.env)
     assert keys.returncode == 0, keys.stderr
     assert "note:" not in keys.stderr  # enabled in config
     key = keys.stdout.strip().splitlines()[-1]
-    samples = clone.path / "plugins" / "acme" / "samples"
-    url = f"{acme_gateway.base_url}/partners/acme/postback"
+    samples = clone.path / "plugins" / "zprobe" / "samples"
+    url = f"{zprobe_gateway.base_url}/partners/zprobe/postback"
 
     def post(name: str) -> httpx.Response:
         body = (samples / name).read_bytes()
@@ -229,8 +231,8 @@ def test_its_samples_go_end_to_end_through_http(clone: Clone, acme_gateway: Live
     assert (organic.status_code, organic.json()["status"]) == (200, "ignored"), organic.text
 
     listing = httpx.get(
-        f"{acme_gateway.base_url}/events",
-        params={"partner": "acme"},
+        f"{zprobe_gateway.base_url}/events",
+        params={"partner": "zprobe"},
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         timeout=10,
     )
@@ -240,7 +242,7 @@ def test_its_samples_go_end_to_end_through_http(clone: Clone, acme_gateway: Live
     assert sorted(by_key) == ["fake-evt-0001", "fake-evt-0003"]  # one install, one purchase
     install, bought = by_key["fake-evt-0001"], by_key["fake-evt-0003"]
     for event in (install, bought):
-        assert event["partner"] == "acme"
+        assert event["partner"] == "zprobe"
         assert event["attributed"] is True
         assert (event["source"], event["campaign"]) == ("Fake Network", "FAKE_spring")
     assert (install["kind"], install["event_name"]) == ("install", "install")
@@ -255,40 +257,42 @@ def test_its_samples_go_end_to_end_through_http(clone: Clone, acme_gateway: Live
 # -- names ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["Bad Name", "../x", "", "zed\n", "_zed", "a" * 64], ids=repr)
+@pytest.mark.parametrize(
+    "name", ["Bad Name", "../x", "", "zed\n", "_zed", "a" * 64, "1abc", "9-lives"], ids=repr
+)
 def test_bad_names_are_refused_and_create_nothing(clone: Clone, name: str) -> None:
     before, beside = clone.files(), sorted(clone.path.parent.iterdir())
     done = clone.run("new-partner", name, "--enable")
     assert done.returncode == 2
     assert f"invalid partner name {name!r}" in done.stderr
-    assert "lower case letters, digits" in done.stderr
+    assert "lower case letters, digits" in done.stderr or "must start with a letter" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert clone.files() == before  # no folder, no config change
     assert sorted(clone.path.parent.iterdir()) == beside
 
 
 def test_hyphenated_name_renders_to_an_importable_package(clone: Clone) -> None:
-    done = clone.run("new-partner", "acme-ads")
+    done = clone.run("new-partner", "zprobe-ads")
     assert done.returncode == 0, done.stderr
-    folder = clone.path / "plugins" / "acme_ads"
+    folder = clone.path / "plugins" / "zprobe_ads"
     assert (folder / "__init__.py").is_file()
-    assert not (clone.path / "plugins" / "acme-ads").exists()
-    assert not (ROOT / "plugins" / "acme_ads").exists()
+    assert not (clone.path / "plugins" / "zprobe-ads").exists()
+    assert not (ROOT / "plugins" / "zprobe_ads").exists()
     init = (folder / "__init__.py").read_text(encoding="utf-8")
-    assert 'name="acme-ads"' in init and 'display_name="Acme Ads"' in init
-    assert "from plugins.acme_ads.mapping import map_postback" in init
+    assert 'name="zprobe-ads"' in init and 'display_name="Zprobe Ads"' in init
+    assert "from plugins.zprobe_ads.mapping import map_postback" in init
     config = tomllib.loads((clone.path / "config" / "gateway.toml").read_text(encoding="utf-8"))
-    assert "acme-ads" not in config["partners"]  # no --enable
+    assert "zprobe-ads" not in config["partners"]  # no --enable
 
     listed = plugin_rows(clone.run("plugins").stdout)
-    assert listed["acme-ads"][:3] == ["no", "GET,POST", "built-in"]
-    kit = clone.run("conformance", "acme-ads")
+    assert listed["zprobe-ads"][:3] == ["no", "GET,POST", "built-in"]
+    kit = clone.run("conformance", "zprobe-ads")
     assert kit.returncode == 0, kit.stdout + kit.stderr
     assert kit.stdout.strip().splitlines()[-1] == "all promises kept"
-    assert "ok   acme-ads http_round_trip" in kit.stdout
+    assert "ok   zprobe-ads http_round_trip" in kit.stdout
 
 
 def test_the_test_process_never_loaded_the_clone(clone: Clone) -> None:
     partners = load_partners()
-    assert "acme" not in partners and "acme-ads" not in partners
+    assert "zprobe" not in partners and "zprobe-ads" not in partners
     assert "kochava" in partners

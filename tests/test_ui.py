@@ -23,7 +23,7 @@ from playwright.sync_api import Locator, Page, expect, sync_playwright
 
 from gateway.app import create_app
 from gateway.config import Config, PartnerConfig, parse_config
-from gateway.keys import hash_key
+from gateway.keys import hash_key, key_secret
 from gateway.plugins import LoadedPartner, load_partners
 from gateway.storage import KeyRecord, open_storage
 from gateway.ui import SESSION_COOKIE, SESSION_SECONDS, new_session, read_session
@@ -239,7 +239,7 @@ def test_a_new_key_is_shown_once_then_masked_and_stored_hashed(
 
     data = b"".join(p.read_bytes() for p in Path(config.data_dir).glob("gateway.db*"))
     assert key.encode() not in data
-    assert hash_key(key).encode() in data
+    assert hash_key(key, key_secret(config)).encode() in data
 
 
 def test_several_keys_are_active_at_once_and_revoke_is_immediate(ui: TestClient[Any]) -> None:
@@ -391,7 +391,7 @@ def test_a_hostile_display_name_and_key_hint_are_escaped(config: Config) -> None
                 hint='<b>"x',
                 created_at=datetime.now(UTC),
             )
-            await storage.add_key(record, hash_key("unused"))
+            await storage.add_key(record, hash_key("unused", key_secret(config)))
         finally:
             await storage.close()
 

@@ -22,6 +22,7 @@ COUNTERS: tuple[str, ...] = (
     "ignored_restricted",
     "rejected",
     "unauthorized",
+    "rate_limited",
 )
 
 
@@ -32,11 +33,20 @@ class Counters(msgspec.Struct, kw_only=True):
     ignored_restricted: int = 0
     rejected: int = 0  # authenticated requests refused with 400, 413 or 422
     unauthorized: int = 0  # requests refused with 401
+    rate_limited: int = 0  # requests refused with 429: over the key's rate limit, retried later
 
 
 class StatusRecord(msgspec.Struct, kw_only=True):
     last_success_at: datetime | None = None
     counters: Counters = msgspec.field(default_factory=Counters)
+
+
+class Delta(msgspec.Struct, kw_only=True):
+    """One partner's status updates not yet in the store: counter increments and the latest
+    last_success_at among them."""
+
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    success_at: datetime | None = None
 
 
 class StatusStore(Protocol):
@@ -52,6 +62,11 @@ class StatusStore(Protocol):
         """Add ``counts`` to the partner's counters; set last_success_at when given."""
 
     async def get(self, partner: str) -> StatusRecord: ...
+
+    async def record_batch(self, batch: Mapping[str, Delta], writer: str, seq: int) -> None:
+        """Apply several partners' deltas at once, all or nothing, at most once per
+        ``(writer, seq)``: a batch re-sent after a lost reply is not counted twice. A writer's
+        ``seq`` only grows. See :mod:`gateway.status.buffer`."""
 
 
 def open_status(redis_url: str, data_dir: str, key_prefix: str = "gateway:") -> StatusStore:

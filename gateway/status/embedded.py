@@ -11,7 +11,7 @@ from pathlib import Path
 from gateway.errors import StatusUnavailable
 from gateway.normalise import as_utc
 from gateway.sqlite_thread import SQLiteThread
-from gateway.status import COUNTERS, StatusRecord, counters_from
+from gateway.status import COUNTERS, Delta, StatusRecord, counters_from
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS partner_counters (
@@ -53,23 +53,18 @@ class EmbeddedStatusStore:
         self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
     ) -> None:
         def work(conn: sqlite3.Connection) -> None:
-            for name, n in counts.items():
-                if n:
-                    conn.execute(
-                        "INSERT INTO partner_counters (partner, name, value) VALUES (?, ?, ?)"
-                        " ON CONFLICT (partner, name) DO UPDATE SET value = value + excluded.value",
-                        (partner, name, n),
-                    )
-            if success_at is not None:
-                moment = as_utc(success_at)
-                # Only ever moves forward, whichever process writes last.
-                conn.execute(
-                    "INSERT INTO partner_success VALUES (?, ?, ?) ON CONFLICT (partner) DO"
-                    " UPDATE SET last_success_us = excluded.last_success_us,"
-                    " last_success_at = excluded.last_success_at"
-                    " WHERE excluded.last_success_us > partner_success.last_success_us",
-                    (partner, int(moment.timestamp() * 1_000_000), moment.isoformat()),
-                )
+            _apply(conn, partner, counts, success_at)
+
+        await self._db.transaction(work)
+
+    async def record_batch(self, batch: Mapping[str, Delta], writer: str, seq: int) -> None:
+        """One transaction for the whole batch. ``writer`` and ``seq`` are not needed here: the
+        caller waits for the transaction's outcome (committed, or rolled back on error), so a
+        batch is never in doubt as it is when a Redis reply is lost."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            for partner, delta in batch.items():
+                _apply(conn, partner, delta.counts, delta.success_at)
 
         await self._db.transaction(work)
 
@@ -88,3 +83,25 @@ class EmbeddedStatusStore:
             )
 
         return await self._db.run(work)
+
+
+def _apply(
+    conn: sqlite3.Connection, partner: str, counts: Mapping[str, int], success_at: datetime | None
+) -> None:
+    for name, n in counts.items():
+        if n:
+            conn.execute(
+                "INSERT INTO partner_counters (partner, name, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (partner, name) DO UPDATE SET value = value + excluded.value",
+                (partner, name, n),
+            )
+    if success_at is not None:
+        moment = as_utc(success_at)
+        # Only ever moves forward, whichever process writes last.
+        conn.execute(
+            "INSERT INTO partner_success VALUES (?, ?, ?) ON CONFLICT (partner) DO"
+            " UPDATE SET last_success_us = excluded.last_success_us,"
+            " last_success_at = excluded.last_success_at"
+            " WHERE excluded.last_success_us > partner_success.last_success_us",
+            (partner, int(moment.timestamp() * 1_000_000), moment.isoformat()),
+        )

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from gateway.events import AttributionEvent, event_encoder
+from gateway.events import DEVICE_ID_FIELDS, AttributionEvent, event_encoder
 
 
 class StoreResult(msgspec.Struct, frozen=True):
@@ -26,6 +26,16 @@ class ReplaceResult(msgspec.Struct, frozen=True):
     # stored: new; updated: it replaced the stored event; unchanged: it was stored exactly so
     outcome: Literal["stored", "updated", "unchanged"]
     event_id: str  # the id of the stored event (the earlier one unless it is new)
+
+
+class Purged(msgspec.Struct, frozen=True):
+    raw: int = 0  # events whose raw payload was removed
+    device_ids: int = 0  # events whose device ids were removed
+
+
+#: Bits of an event's ``purged`` column: what retention has removed from it.
+PURGED_RAW = 1
+PURGED_DEVICE_IDS = 2
 
 
 class KeyRecord(msgspec.Struct, kw_only=True):
@@ -79,12 +89,31 @@ class Storage(Protocol):
     async def touch_key(self, key_id: str, at: datetime) -> None:
         """Record that the key was used at ``at`` (never moves the time back)."""
 
+    async def update_key_hash(self, key_id: str, old_hash: str, new_hash: str) -> None:
+        """Replace a key's stored hash, if it is still ``old_hash``."""
+
+    async def purge(
+        self, raw_before: datetime | None, device_ids_before: datetime | None, batch: int = 500
+    ) -> Purged:
+        """Retention: remove the raw payload of events received before ``raw_before`` and the
+        device ids (:data:`~gateway.events.DEVICE_ID_FIELDS`) of those received before
+        ``device_ids_before`` (None: not that part), keeping the rest of the event. Works in
+        transactions of ``batch`` events; idempotent, and safe to run in several processes at
+        once. A re-map (``replace``) of a purged event makes it due again."""
+
 
 def replacement(new: AttributionEvent, old: AttributionEvent) -> AttributionEvent | None:
     """``new`` as it replaces the stored ``old`` (same partner and dedupe key): with old's
     event_id and received_at. None when that is exactly what is stored already."""
     merged = msgspec.structs.replace(new, event_id=old.event_id, received_at=old.received_at)
     return None if event_encoder.encode(merged) == event_encoder.encode(old) else merged
+
+
+def scrubbed(event: AttributionEvent, bit: int) -> AttributionEvent:
+    """``event`` without what the purge ``bit`` removes (see :data:`PURGED_RAW`)."""
+    if bit == PURGED_RAW:
+        return msgspec.structs.replace(event, raw={})
+    return msgspec.structs.replace(event, **dict.fromkeys(DEVICE_ID_FIELDS))
 
 
 def open_storage(url: str) -> Storage:

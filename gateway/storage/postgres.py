@@ -12,7 +12,10 @@ psycopg error, socket error and pool timeout becomes :class:`~gateway.errors.Sto
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -26,39 +29,20 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway.errors import StorageUnavailable
 from gateway.events import AttributionEvent, event_decoder, event_encoder
-from gateway.storage import KeyRecord, ReplaceResult, StoreResult, replacement
+from gateway.storage import (
+    PURGED_DEVICE_IDS,
+    PURGED_RAW,
+    KeyRecord,
+    Purged,
+    ReplaceResult,
+    StoreResult,
+    replacement,
+    scrubbed,
+)
+from gateway.storage.migrations import migrate_postgres
 
 #: Key of the transaction-level advisory lock held while the schema is created.
 SCHEMA_LOCK = 0x6761_7465_7761_7901  # "gatewa" "y\x01"
-
-SCHEMA: tuple[str, ...] = (
-    """
-    CREATE TABLE IF NOT EXISTS events (
-        seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        event_id    text NOT NULL UNIQUE,
-        partner     text NOT NULL,
-        dedupe_key  text NOT NULL,
-        kind        text NOT NULL,
-        attributed  boolean NOT NULL,
-        received_at timestamptz,
-        body        bytea NOT NULL,
-        UNIQUE (partner, dedupe_key)
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS events_by_partner ON events (partner, seq)",
-    """
-    CREATE TABLE IF NOT EXISTS api_keys (
-        key_id       text PRIMARY KEY,
-        partner      text NOT NULL,
-        key_hash     text NOT NULL UNIQUE,
-        hint         text NOT NULL,
-        created_at   timestamptz NOT NULL,
-        revoked_at   timestamptz,
-        last_used_at timestamptz
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS api_keys_by_partner ON api_keys (partner)",
-)
 
 INSERT_EVENT = (
     "INSERT INTO events (event_id, partner, dedupe_key, kind, attributed, received_at, body)"
@@ -67,6 +51,23 @@ INSERT_EVENT = (
     " RETURNING event_id"
 )
 SELECT_EXISTING = "SELECT event_id FROM events WHERE partner = %s AND dedupe_key = %s"
+# Many rows in one statement, inserted in the order given (a later row with the dedupe key of an
+# earlier one is the duplicate).
+INSERT_EVENTS = (
+    "INSERT INTO events (event_id, partner, dedupe_key, kind, attributed, received_at, body)"
+    " SELECT e, p, d, k, a, r, b FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
+    " %s::boolean[], %s::timestamptz[], %s::bytea[]) WITH ORDINALITY AS t(e, p, d, k, a, r, b, n)"
+    " ORDER BY n"
+    " ON CONFLICT (partner, dedupe_key) DO NOTHING"
+    " RETURNING event_id"
+)
+SELECT_EXISTING_MANY = (
+    "SELECT partner, dedupe_key, event_id FROM events"
+    " WHERE (partner, dedupe_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+)
+
+#: An event as the columns of its row.
+_Row = tuple[str, str, str, str, bool, datetime | None, bytes]
 
 # Transaction-level advisory locks, taken in the order of the (sorted) array.
 LOCK_KEYS = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
@@ -82,6 +83,26 @@ def _lock_id(partner: str, dedupe_key: str) -> int:
 
 def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value is not None else None
+
+
+#: When each pooled connection was last handed back to the pool.
+_returned_at: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
+
+#: A connection idle in the pool longer than this is checked (a round trip) before it is lent:
+#: the server may have closed it meanwhile. One in use moments ago is lent as it is: a round
+#: trip per checkout was a quarter of the gateway's time under load, and a connection that did
+#: break fails its query (503, the partner retries) and is dropped by the pool on return.
+CHECK_IDLE_AFTER_S = 1.0
+
+
+async def _note_returned(conn: Connection) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+async def _check_if_idle(conn: Connection) -> None:
+    returned = _returned_at.get(conn)
+    if returned is None or time.monotonic() - returned > CHECK_IDLE_AFTER_S:
+        await AsyncConnectionPool.check_connection(conn)
 
 
 async def _configure(conn: Connection) -> None:
@@ -108,6 +129,9 @@ class PostgresStorage:
         self.acquire_timeout = acquire_timeout
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._where = _describe(url)
+        self._group: list[tuple[list[_Row], asyncio.Future[Any]]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._key_reads: dict[str, asyncio.Future[list[tuple[str, str]]]] = {}
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -130,7 +154,8 @@ class PostgresStorage:
                 max_size=self.max_size,
                 open=False,
                 configure=_configure,
-                check=AsyncConnectionPool.check_connection,
+                check=_check_if_idle,
+                reset=_note_returned,
                 timeout=self.acquire_timeout,
                 name="gateway-storage",
             )
@@ -146,6 +171,10 @@ class PostgresStorage:
         self._pool = pool
 
     async def close(self) -> None:
+        if self._group:  # stores made just before: written before the pool goes
+            self._send_group()
+        if self._tasks:  # group writes and key reads under way: let them answer their callers
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -164,12 +193,11 @@ class PostgresStorage:
             kwargs["connect_timeout"] = max(1, round(self.connect_timeout))
         return kwargs
 
-    @staticmethod
-    async def _create_schema(conn: Connection) -> None:
+    async def _create_schema(self, conn: Connection) -> None:
+        """Apply the migrations (gateway/storage/migrations.py) under the schema lock."""
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            for statement in SCHEMA:
-                await conn.execute(statement)
+            await migrate_postgres(conn, f"PostgreSQL at {self._where}")
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
@@ -186,7 +214,12 @@ class PostgresStorage:
     # -- events --------------------------------------------------------------------------------
 
     async def store(self, events: Sequence[AttributionEvent]) -> list[StoreResult]:
-        rows = [
+        """Group commit: the stores called in one turn of the event loop go to the server
+        together, in one transaction and one multi-row INSERT on one connection (round trips,
+        not fsyncs, are what a store costs here). Each call is answered once that transaction is
+        committed. If the group's transaction fails, each of its calls is tried again on its
+        own, so a call that cannot be stored fails alone."""
+        rows: list[_Row] = [
             (
                 e.event_id,
                 e.partner,
@@ -198,26 +231,93 @@ class PostgresStorage:
             )
             for e in events
         ]
-        async with self._connection() as conn, conn.transaction():
-            if len({(row[1], row[2]) for row in rows}) > 1:
-                # Lock the batch's dedupe keys in one global order before inserting any, so two
-                # batches sharing keys in different orders queue instead of deadlocking.
-                await conn.execute(LOCK_KEYS, (sorted({_lock_id(r[1], r[2]) for r in rows}),))
-            results: list[StoreResult] = []
-            for row in rows:
-                cur = await conn.execute(INSERT_EVENT, row)
-                inserted = await cur.fetchone()
-                if inserted is not None:
-                    results.append(StoreResult(stored=True, event_id=inserted[0]))
-                    continue
-                # The conflicting row is ours (earlier in this batch) or committed by now: the
-                # INSERT waited for its transaction, and this statement takes a new snapshot.
-                cur = await conn.execute(SELECT_EXISTING, (row[1], row[2]))
-                existing = await cur.fetchone()
-                if existing is None:  # pragma: no cover - rows are never deleted
-                    raise StorageUnavailable(f"dedupe key {row[2]!r} conflicted but is not there")
-                results.append(StoreResult(stored=False, event_id=existing[0]))
-        return results
+        if not rows:
+            return []
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[StoreResult]] = loop.create_future()
+        if self._group is None:
+            self._group = []
+            loop.call_soon(self._send_group)
+        self._group.append((rows, future))
+        return await future
+
+    def _send_group(self) -> None:
+        group, self._group = self._group or [], None
+        if not group:  # sent already, by close()
+            return
+        task = asyncio.get_running_loop().create_task(self._write_group(group))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_group(self, group: list[tuple[list[_Row], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._insert([row for rows, _ in group for row in rows])
+        except Exception as exc:
+            if len(group) > 1 and isinstance(exc, StorageUnavailable):
+                await asyncio.gather(*(self._write_group([call]) for call in group))
+                return
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:  # cancelled: so are the calls waiting for it
+            for _, future in group:
+                future.cancel()
+            raise
+        start = 0
+        for rows, future in group:
+            if not future.done():  # a caller that gave up (cancelled) is not answered
+                future.set_result(results[start : start + len(rows)])
+            start += len(rows)
+
+    async def _insert(self, rows: list[_Row]) -> list[StoreResult]:
+        """Store ``rows`` in one transaction; one StoreResult per row, in order."""
+        keys = {(row[1], row[2]) for row in rows}
+        async with self._connection() as conn:
+            if len(rows) == 1:  # one statement: atomic as it is, no transaction to open
+                return [await self._insert_one(conn, rows[0])]
+            async with conn.transaction():
+                if len(keys) > 1:
+                    # Lock the dedupe keys in one global order before inserting any, so two
+                    # groups sharing keys in different orders queue instead of deadlocking.
+                    await conn.execute(LOCK_KEYS, (sorted({_lock_id(p, k) for p, k in keys}),))
+                cur = await conn.execute(
+                    INSERT_EVENTS, [list(column) for column in zip(*rows, strict=True)]
+                )
+                inserted = {row[0] for row in await cur.fetchall()}
+                missing = [row for row in rows if row[0] not in inserted]
+                existing: dict[tuple[str, str], str] = {}
+                if missing:
+                    # Ours (earlier in this group) or committed by now: the INSERT waited for
+                    # the other transaction, and this statement takes a new snapshot.
+                    cur = await conn.execute(
+                        SELECT_EXISTING_MANY, ([r[1] for r in missing], [r[2] for r in missing])
+                    )
+                    existing = {(p, k): event_id for p, k, event_id in await cur.fetchall()}
+                results = []
+                for row in rows:
+                    if row[0] in inserted:
+                        results.append(StoreResult(stored=True, event_id=row[0]))
+                        continue
+                    found = existing.get((row[1], row[2]))
+                    if found is None:  # pragma: no cover - rows are never deleted
+                        raise StorageUnavailable(f"dedupe key {row[2]!r} conflicted but is gone")
+                    results.append(StoreResult(stored=False, event_id=found))
+                return results
+
+    @staticmethod
+    async def _insert_one(conn: Connection, row: _Row) -> StoreResult:
+        cur = await conn.execute(INSERT_EVENT, row)
+        inserted = await cur.fetchone()
+        if inserted is not None:
+            return StoreResult(stored=True, event_id=inserted[0])
+        # The conflicting row is committed by now: the INSERT waited for its transaction, and
+        # this statement takes a new snapshot.
+        cur = await conn.execute(SELECT_EXISTING, (row[1], row[2]))
+        existing = await cur.fetchone()
+        if existing is None:  # pragma: no cover - rows are never deleted
+            raise StorageUnavailable(f"dedupe key {row[2]!r} conflicted but is not there")
+        return StoreResult(stored=False, event_id=existing[0])
 
     async def events(self, partner: str | None = None, limit: int = 50) -> list[AttributionEvent]:
         # A negative limit means no limit, as in SQLite (LIMIT NULL is LIMIT ALL).
@@ -270,8 +370,9 @@ class PostgresStorage:
                 if new is None:
                     results.append(ReplaceResult(outcome="unchanged", event_id=found[0]))
                     continue
-                await conn.execute(
-                    "UPDATE events SET kind = %s, attributed = %s, body = %s WHERE event_id = %s",
+                await conn.execute(  # a re-map brings the raw payload back: due for retention
+                    "UPDATE events SET kind = %s, attributed = %s, body = %s, purged = 0"
+                    " WHERE event_id = %s",
                     (new.kind, new.attributed, event_encoder.encode(new), found[0]),
                 )
                 results.append(ReplaceResult(outcome="updated", event_id=found[0]))
@@ -313,13 +414,37 @@ class PostgresStorage:
             )
 
     async def active_key_hashes(self, partner: str) -> list[tuple[str, str]]:
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "SELECT key_id, key_hash FROM api_keys WHERE partner = %s AND revoked_at IS NULL",
-                (partner,),
-            )
-            rows = await cur.fetchall()
-        return [(str(a), str(b)) for a, b in rows]
+        """Callers in one turn of the event loop share one query per partner. It is sent after
+        all of them arrived, so each sees every revocation committed before it asked."""
+        future = self._key_reads.get(partner)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._key_reads[partner] = loop.create_future()
+            loop.call_soon(self._read_keys, partner, future)
+        # shield: one caller giving up must not cancel the others' answer
+        return await asyncio.shield(future)
+
+    def _read_keys(self, partner: str, future: asyncio.Future[list[tuple[str, str]]]) -> None:
+        del self._key_reads[partner]  # from now on, callers wait for a later query
+
+        async def read() -> None:
+            try:
+                async with self._connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT key_id, key_hash FROM api_keys"
+                        " WHERE partner = %s AND revoked_at IS NULL",
+                        (partner,),
+                    )
+                    rows = await cur.fetchall()
+            except Exception as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: nobody may be waiting any more
+            else:
+                future.set_result([(str(a), str(b)) for a, b in rows])
+
+        task = asyncio.get_running_loop().create_task(read())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def keys(self, partner: str | None = None) -> list[KeyRecord]:
         sql = "SELECT key_id, partner, hint, created_at, revoked_at, last_used_at FROM api_keys"
@@ -357,6 +482,49 @@ class PostgresStorage:
                 " AND (last_used_at IS NULL OR last_used_at < %s)",
                 (at, key_id, at),
             )
+
+    async def update_key_hash(self, key_id: str, old_hash: str, new_hash: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE api_keys SET key_hash = %s WHERE key_id = %s AND key_hash = %s",
+                (new_hash, key_id, old_hash),
+            )
+
+    # -- retention -----------------------------------------------------------------------------
+
+    async def purge(
+        self, raw_before: datetime | None, device_ids_before: datetime | None, batch: int = 500
+    ) -> Purged:
+        done = {PURGED_RAW: 0, PURGED_DEVICE_IDS: 0}
+        for bit, before in ((PURGED_RAW, raw_before), (PURGED_DEVICE_IDS, device_ids_before)):
+            if before is None:
+                continue
+            while True:
+                async with self._connection() as conn, conn.transaction():
+                    # SKIP LOCKED: processes purging at once take different rows, never wait.
+                    cur = await conn.execute(
+                        "SELECT seq, body FROM events WHERE purged <> 3 AND purged & %s = 0"
+                        " AND received_at < %s ORDER BY received_at LIMIT %s"
+                        " FOR UPDATE SKIP LOCKED",
+                        (bit, before, batch),
+                    )
+                    rows = await cur.fetchall()
+                    async with conn.cursor() as update:
+                        await update.executemany(
+                            "UPDATE events SET body = %s, purged = purged | %s WHERE seq = %s",
+                            [
+                                (
+                                    event_encoder.encode(scrubbed(event_decoder.decode(b), bit)),
+                                    bit,
+                                    seq,
+                                )
+                                for seq, b in rows
+                            ],
+                        )
+                done[bit] += len(rows)
+                if len(rows) < batch:
+                    break
+        return Purged(raw=done[PURGED_RAW], device_ids=done[PURGED_DEVICE_IDS])
 
 
 def _oneline(exc: BaseException) -> str:

@@ -9,48 +9,39 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.errors import StorageUnavailable
 from gateway.events import AttributionEvent, event_decoder, event_encoder
 from gateway.sqlite_thread import SQLiteThread
-from gateway.storage import KeyRecord, ReplaceResult, StoreResult, replacement
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id    TEXT NOT NULL UNIQUE,
-    partner     TEXT NOT NULL,
-    dedupe_key  TEXT NOT NULL,
-    kind        TEXT NOT NULL,
-    attributed  INTEGER NOT NULL,
-    received_at TEXT NOT NULL,
-    body        BLOB NOT NULL,
-    UNIQUE (partner, dedupe_key)
-);
-CREATE INDEX IF NOT EXISTS events_by_partner ON events (partner, seq);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id       TEXT PRIMARY KEY,
-    partner      TEXT NOT NULL,
-    key_hash     TEXT NOT NULL UNIQUE,
-    hint         TEXT NOT NULL,
-    created_at   TEXT NOT NULL,
-    revoked_at   TEXT,
-    last_used_at TEXT
-);
-CREATE INDEX IF NOT EXISTS api_keys_by_partner ON api_keys (partner);
-"""
+from gateway.storage import (
+    PURGED_DEVICE_IDS,
+    PURGED_RAW,
+    KeyRecord,
+    Purged,
+    ReplaceResult,
+    StoreResult,
+    replacement,
+    scrubbed,
+)
+from gateway.storage.migrations import migrate_sqlite
 
 
 class SQLiteStorage:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = SQLiteThread(path, SCHEMA, StorageUnavailable, synchronous="FULL")
+        # The schema comes from the migrations (gateway/storage/migrations.py), run in open().
+        self._db = SQLiteThread(path, "", StorageUnavailable, synchronous="FULL")
         self._run = self._db.run
 
     async def open(self) -> None:
         await self._db.open()
+        try:
+            await self._db.transaction(lambda conn: migrate_sqlite(conn, str(self.path)))
+        except BaseException:
+            await self._db.close()
+            raise
 
     async def close(self) -> None:
         await self._db.close()
@@ -96,7 +87,9 @@ class SQLiteStorage:
                     results.append(StoreResult(stored=False, event_id=existing))
             return results
 
-        return await self._db.transaction(work)
+        # Group commit: stores arriving together share one transaction and one fsync, each in
+        # its own savepoint; answered only once that transaction is committed.
+        return await self._db.grouped(work, one_statement=len(rows) == 1)
 
     async def events(self, partner: str | None = None, limit: int = 50) -> list[AttributionEvent]:
         def work(conn: sqlite3.Connection) -> list[bytes]:
@@ -152,8 +145,9 @@ class SQLiteStorage:
                 if new is None:
                     results.append(ReplaceResult(outcome="unchanged", event_id=found[0]))
                     continue
-                conn.execute(
-                    "UPDATE events SET kind = ?, attributed = ?, body = ? WHERE event_id = ?",
+                conn.execute(  # a re-map brings the raw payload back: due for retention again
+                    "UPDATE events SET kind = ?, attributed = ?, body = ?, purged = 0"
+                    " WHERE event_id = ?",
                     (new.kind, int(new.attributed), event_encoder.encode(new), found[0]),
                 )
                 results.append(ReplaceResult(outcome="updated", event_id=found[0]))
@@ -262,3 +256,44 @@ class SQLiteStorage:
             )
 
         await self._run(work)
+
+    async def update_key_hash(self, key_id: str, old_hash: str, new_hash: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE api_keys SET key_hash = ? WHERE key_id = ? AND key_hash = ?",
+                (new_hash, key_id, old_hash),
+            )
+
+        await self._run(work)
+
+    async def purge(
+        self, raw_before: datetime | None, device_ids_before: datetime | None, batch: int = 500
+    ) -> Purged:
+        done = {PURGED_RAW: 0, PURGED_DEVICE_IDS: 0}
+        for bit, before in ((PURGED_RAW, raw_before), (PURGED_DEVICE_IDS, device_ids_before)):
+            if before is None:
+                continue
+            # received_at is ISO-8601 text in UTC: text order is time order.
+            cutoff = before.astimezone(UTC).isoformat()
+
+            def work(conn: sqlite3.Connection, bit: int = bit, cutoff: str = cutoff) -> int:
+                rows = conn.execute(
+                    "SELECT seq, body FROM events WHERE purged <> 3 AND purged & ? = 0"
+                    " AND received_at <> '' AND received_at < ? ORDER BY received_at LIMIT ?",
+                    (bit, cutoff, batch),
+                ).fetchall()
+                conn.executemany(
+                    "UPDATE events SET body = ?, purged = purged | ? WHERE seq = ?",
+                    [
+                        (event_encoder.encode(scrubbed(event_decoder.decode(body), bit)), bit, seq)
+                        for seq, body in rows
+                    ],
+                )
+                return len(rows)
+
+            while True:
+                n = await self._db.transaction(work)
+                done[bit] += n
+                if n < batch:
+                    break
+        return Purged(raw=done[PURGED_RAW], device_ids=done[PURGED_DEVICE_IDS])

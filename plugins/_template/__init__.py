@@ -1,8 +1,6 @@
-"""Example Partner: the partner plugin to copy. `gateway new-partner NAME` renders it.
+"""Example Partner: registers the partner with the gateway; the mapping is in mapping.py."""
 
-A plugin registers its partners through the one hook, ``register_partners``. Keep this module
-small: the mapping lives in mapping.py, beside it.
-"""
+# template-only: this is the partner plugin to copy; `gateway new-partner NAME` renders it.
 
 from __future__ import annotations
 

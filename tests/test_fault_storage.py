@@ -1,0 +1,236 @@
+"""Storage that cannot take an event (issue 6): a full disk, or a database that refuses
+connections, is answered 503 with ``Retry-After`` (partners retry 5xx), never 2xx; nothing is
+half stored; once space or the server is back, the partner's retries are accepted.
+
+How each fault is made real, without mounting anything:
+
+- SQLite, disk full: a real ``gateway serve`` process gets a file-size limit (RLIMIT_FSIZE, set
+  from outside with prlimit(2)) just above the end of its write-ahead log. The kernel then
+  refuses to grow its files, as a full disk does: SQLite's next write stops at the limit, and
+  the rest fails with EFBIG where a full disk gives ENOSPC, so SQLite says "disk I/O error"
+  (SQLITE_IOERR_WRITE) rather than "database or disk is full" (SQLITE_FULL); the gateway treats
+  every SQLite error the same way. Raising the limit is space coming back. (``PRAGMA
+  max_page_count`` cannot do it: it is a setting of the connection that runs it, so a second
+  connection setting it leaves the gateway's connection unlimited.) While the disk is full even
+  a retry of a stored event is answered 503 (the insert's AUTOINCREMENT bookkeeping needs a
+  write); once space is back it is answered duplicate.
+- PostgreSQL, disk full: PostgreSQL has no per-database quota, so a trigger added by a second
+  connection raises SQLSTATE 53100 ``disk_full`` (what the server raises when it cannot extend a
+  file) on any insert of a new event, as the server would; dropping it is space coming back.
+- PostgreSQL unavailable: the database stops accepting connections (``ALLOW_CONNECTIONS false``,
+  which binds superusers too) and the gateway's connections are terminated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from litestar.testing import TestClient
+from psycopg import sql
+
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.storage import open_storage
+from tests.faults import Serve, metric
+from tests.fixtures import ADMIN_TOKEN, make_config, new_key
+from tests.test_status import POSTBACK, sample
+from tests.test_storage import POSTGRES_ADMIN_URL, postgres_database
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+INSTALL = "install_ios_attributed.json"
+
+
+def install(transaction_id: str) -> bytes:
+    return sample(INSTALL, transaction_id=transaction_id)
+
+
+def assert_retry_later(response: httpx.Response) -> None:
+    """What a partner must get while storage cannot take the event: 503, retry."""
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "30"
+    assert response.json()["error"] == "storage_unavailable"
+
+
+def stored_keys(url: str) -> list[str]:
+    async def run() -> list[str]:
+        storage = open_storage(url)
+        await storage.open()
+        try:
+            return sorted(e.dedupe_key for e in await storage.scan(limit=10_000))
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
+# -- SQLite: the disk fills up under a running gateway -------------------------------------------
+
+
+def test_sqlite_disk_full_answers_503_then_recovers(tmp_path: Path) -> None:
+    gateway = Serve(tmp_path)
+    gateway.start()
+    try:
+        key = gateway.create_key()
+        url = gateway.base_url + POSTBACK
+        with httpx.Client(timeout=30, params={"api_key": key}) as http:
+            for n in range(3):
+                assert http.post(url, content=install(f"before-{n}")).status_code == 202
+
+            assert gateway.process is not None
+            wal = tmp_path / "data" / "gateway.db-wal"
+            # Room for a frame header, not for the page after it: the next write is cut short.
+            limit = wal.stat().st_size + 1000
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.prlimit(gateway.process.pid, resource.RLIMIT_FSIZE, (limit, hard))
+
+            for n in range(5):
+                assert_retry_later(http.post(url, content=install(f"full-{n}")))
+            assert stored_keys(f"sqlite:///{tmp_path}/data/gateway.db") == [
+                "before-0",
+                "before-1",
+                "before-2",
+            ]
+            text = http.get(gateway.base_url + "/metrics").text
+            assert metric(text, "gateway_storage_errors_total") == 5
+            assert (
+                metric(
+                    text,
+                    "gateway_postbacks_total",
+                    partner="kochava",
+                    outcome="storage_unavailable",
+                )
+                == 5
+            )
+            assert "gateway.db: disk I/O error" in gateway.log_text()  # the reason: log only
+
+            # Space comes back: the partner's retries are accepted, once each.
+            resource.prlimit(gateway.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+            for n in range(5):
+                response = http.post(url, content=install(f"full-{n}"))
+                assert response.status_code == 202, response.text
+            again = http.post(url, content=install("before-0"))
+            assert (again.status_code, again.json()["status"]) == (200, "duplicate")
+    finally:
+        gateway.stop()
+    assert stored_keys(f"sqlite:///{tmp_path}/data/gateway.db") == sorted(
+        [f"before-{n}" for n in range(3)] + [f"full-{n}" for n in range(5)]
+    )
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_config(tmp_path: Path) -> Iterator[Config]:
+    with postgres_database() as url:
+        config = make_config(tmp_path / "data")
+        config.storage.url = url
+        yield config
+
+
+def dbname(config: Config) -> str:
+    return config.storage.url.rsplit("/", 1)[1]
+
+
+@contextlib.contextmanager
+def admin_connection(url: str = POSTGRES_ADMIN_URL) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        yield conn
+
+
+DISK_FULL = """
+CREATE FUNCTION disk_is_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  -- A row that conflicts writes nothing (ON CONFLICT DO NOTHING), as on a real full disk.
+  IF NOT EXISTS (SELECT 1 FROM events WHERE partner = NEW.partner
+                 AND dedupe_key = NEW.dedupe_key) THEN
+    RAISE EXCEPTION 'could not extend file "base/1/2": No space left on device'
+      USING ERRCODE = 'disk_full';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER disk_is_full BEFORE INSERT ON events
+  FOR EACH ROW EXECUTE FUNCTION disk_is_full();
+"""
+
+
+def test_postgres_disk_full_answers_503_then_recovers(
+    pg_config: Config, admin: dict[str, str]
+) -> None:
+    key = new_key(pg_config)
+    with TestClient(create_app(pg_config)) as client:
+        params = {"api_key": key}
+        assert client.post(POSTBACK, params=params, content=install("before")).status_code == 202
+
+        with admin_connection(pg_config.storage.url) as other:
+            other.execute(DISK_FULL)
+        for n in range(3):
+            assert_retry_later(client.post(POSTBACK, params=params, content=install(f"full-{n}")))
+        again = client.post(POSTBACK, params=params, content=install("before"))
+        assert (again.status_code, again.json()["status"]) == (200, "duplicate")
+        assert stored_keys(pg_config.storage.url) == ["before"]
+
+        with admin_connection(pg_config.storage.url) as other:
+            other.execute("DROP TRIGGER disk_is_full ON events")
+        for n in range(3):
+            response = client.post(POSTBACK, params=params, content=install(f"full-{n}"))
+            assert response.status_code == 202, response.text
+        text = client.get("/metrics").text
+    assert metric(text, "gateway_storage_errors_total") == 3
+    assert stored_keys(pg_config.storage.url) == ["before", "full-0", "full-1", "full-2"]
+
+
+def test_postgres_refusing_connections_answers_503_then_recovers(pg_config: Config) -> None:
+    """Takes the storage's pool timeout (10 s): the requests wait for a connection that cannot
+    be made, then answer 503. They are sent together, so the test waits once."""
+    key = new_key(pg_config)
+    name = dbname(pg_config)
+    with TestClient(create_app(pg_config)) as client:
+        params = {"api_key": key}
+        assert client.post(POSTBACK, params=params, content=install("before")).status_code == 202
+        try:
+            with admin_connection() as other:
+                other.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+                        sql.Identifier(name)
+                    )
+                )
+                other.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+
+            async def during_outage() -> list[httpx.Response]:
+                transport = httpx.ASGITransport(app=client.app)
+                async with httpx.AsyncClient(
+                    transport=transport, base_url="http://gateway", timeout=60
+                ) as http:
+                    return await asyncio.gather(
+                        *(
+                            http.post(POSTBACK, params=params, content=install(f"down-{n}"))
+                            for n in range(3)
+                        )
+                    )
+
+            for response in client.blocking_portal.call(during_outage):
+                assert_retry_later(response)
+            ready = client.get("/readyz")
+            assert (ready.status_code, ready.json()["storage"]) == (503, "unavailable")
+        finally:
+            with admin_connection() as other:
+                other.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+                )
+        for n in range(3):
+            response = client.post(POSTBACK, params=params, content=install(f"down-{n}"))
+            assert response.status_code == 202, response.text
+        assert client.get("/readyz").status_code == 200
+    assert stored_keys(pg_config.storage.url) == ["before", "down-0", "down-1", "down-2"]
