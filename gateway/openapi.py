@@ -326,7 +326,14 @@ class ListEvents(_Described):
                     "name": "limit",
                     "in": "query",
                     "required": False,
-                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                    "description": "how many, newest first (empty: the default, 50)",
+                    "schema": {
+                        "anyOf": [
+                            {"type": "integer", "minimum": 1, "maximum": 1000},
+                            {"type": "string", "enum": [""]},
+                        ],
+                        "default": 50,
+                    },
                 },
             ],
             "responses": {
