@@ -27,6 +27,7 @@ from litestar.openapi.spec import Components, Operation, Server
 
 from gateway.body import parse_query
 from gateway.errors import GatewayError
+from gateway.events import ID_FIELDS, TEXT_FIELDS, TIME_FIELDS
 from gateway.plugins import LoadedPartner
 
 #: Where the document is served: /schema/openapi.json (also /schema and /schema/openapi.yaml).
@@ -112,33 +113,10 @@ EVENT_SCHEMA: dict[str, Any] = {
         "attributed": {"type": "boolean"},
         **{
             name: _NULLABLE_TEXT
-            for name in (
-                "source",
-                "campaign",
-                "adgroup",
-                "ad",
-                "source_id",
-                "campaign_id",
-                "adgroup_id",
-                "ad_id",
-                "platform",
-                "app_id",
-                "idfa",
-                "idfv",
-                "google_ad_id",
-                "android_id",
-                "windows_ad_id",
-                "braze_id",
-                "external_id",
-                "partner_device_id",
-                "currency",
-                "country",
-            )
+            for name in (*TEXT_FIELDS, *ID_FIELDS, "platform", "currency", "country")
+            if name != "event_name"
         },
-        **{
-            name: _NULLABLE_TIME
-            for name in ("event_time", "install_time", "touch_time", "received_at")
-        },
+        **{name: _NULLABLE_TIME for name in TIME_FIELDS},
         "revenue": {"type": ["number", "null"]},
         "dedupe_key": _TEXT,
         "raw": {"type": "object", "description": "the payload as received, without its key"},
