@@ -13,11 +13,14 @@ import json
 import logging
 import logging.config
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
+from math import modf
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
 def redact_query(url: str) -> str:
@@ -46,18 +49,101 @@ def scrub(text: str) -> str:
     return text
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _float(value: float) -> str:
+    text = float.__repr__(value)
+    return _NON_FINITE.get(text, text)  # json.dumps writes these as JavaScript does
+
+
+#: How json.dumps writes a value of exactly these types, character for character, without its
+#: per-call set-up (a new encoder for every call, as ``default`` is given). Anything else
+#: (containers, subclasses, other objects) goes through :func:`_dumps`.
+_SCALARS: dict[type, Callable[[Any], str]] = {
+    str: encode_basestring,
+    int: int.__repr__,
+    float: _float,
+    bool: {True: "true", False: "false"}.__getitem__,
+    type(None): lambda _: "null",
+}
+
+#: The keys the formatter writes itself. An extra of the same name takes that key's place, as
+#: in a dict update: the line is then made from a dict.
+_OWN_KEYS = frozenset({"ts", "level", "logger", "msg", "exc"})
+
+#: The end of every timestamp, by millisecond.
+_MILLIS = [f".{ms:03d}+00:00" for ms in range(1000)]
+#: The last second a timestamp was written for, and its date and time of day.
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def _timestamp(created: float) -> str:
+    """``datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")``, with the
+    date and time of day worked out once per second instead of for every line."""
+    global _second
+    # Rounded to the microsecond, half to even, as datetime.fromtimestamp does: a time a hair
+    # before the next millisecond (or second) is written as that one, as before.
+    fraction, whole = modf(created)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if not 0 <= micros < 1_000_000:
+        second, micros = second + micros // 1_000_000, micros % 1_000_000
+    cached, prefix = _second
+    if second != cached:
+        prefix = datetime.fromtimestamp(second, UTC).replace(tzinfo=None).isoformat()
+        _second = (second, prefix)
+    return prefix + _MILLIS[micros // 1000]
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``ts``, ``level``, ``logger``, ``msg``, the record's extras,
+    then ``exc``, written as ``json.dumps(..., default=str, ensure_ascii=False)`` would.
+
+    A line is written for every postback: it is put together from its pieces, which costs half
+    as much as a dict and json.dumps. The spacing stays json.dumps's (``"status": 202``, not
+    compact ``"status":202``): searches of the log, the tests' among them, look for it.
+    """
+
     def format(self, record: logging.LogRecord) -> str:
+        fields = vars(record)
+        extras = [key for key in fields if key not in _STANDARD]
+        if not _OWN_KEYS.isdisjoint(extras):
+            return self._format_via_dict(record, extras)
+        parts = [
+            '{"ts": "',
+            _timestamp(record.created),
+            '", "level": ',
+            encode_basestring(record.levelname.lower()),
+            ', "logger": ',
+            _SCALARS.get(type(record.name), _dumps)(record.name),  # None in a makeLogRecord({})
+            ', "msg": ',
+            encode_basestring(scrub(record.getMessage())),
+        ]
+        for key in extras:
+            value = fields[key]
+            parts += (", ", encode_basestring(key), ": ", _SCALARS.get(type(value), _dumps)(value))
+        if record.exc_info:
+            parts += (', "exc": ', encode_basestring(scrub(self.formatException(record.exc_info))))
+        parts.append("}")
+        return "".join(parts)
+
+    def _format_via_dict(self, record: logging.LogRecord, extras: list[str]) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": scrub(record.getMessage()),
         }
-        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        fields = vars(record)
+        out.update((key, fields[key]) for key in extras)
         if record.exc_info:
             out["exc"] = scrub(self.formatException(record.exc_info))
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _dumps(out)
 
 
 class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -91,7 +177,7 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().emit(record)
             return
         try:
-            self._lines.append(self.format(record) + self.terminator)
+            self._lines.append(self.format(record))
         except Exception:
             self.handleError(record)
             return
@@ -109,7 +195,9 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._scheduled = None
         if not self._lines:
             return
-        text, self._lines = "".join(self._lines), []
+        # The terminators go in here, not one by one: a copy of every line fewer.
+        text = self.terminator.join(self._lines) + self.terminator
+        self._lines = []
         try:
             self.stream.write(text)
             self.stream.flush()
