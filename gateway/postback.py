@@ -7,7 +7,6 @@ Errors are raised as :class:`~gateway.errors.GatewayError` and answered by the H
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import logging
@@ -27,7 +26,6 @@ from gateway.errors import (
     GatewayError,
     MappingError,
     PluginFailure,
-    StatusUnavailable,
     StorageUnavailable,
 )
 from gateway.events import INSTALL_KINDS, AttributionEvent
@@ -40,7 +38,7 @@ from gateway.normalise import device_id, finalise, stable_key
 from gateway.plugins import LoadedPartner
 from gateway.ratelimit import Limiter, enforce
 from gateway.reload import ConfigWatcher, live_part
-from gateway.status import StatusStore
+from gateway.status import StatusNotes
 from gateway.storage import ReplaceResult, Storage, StoreResult
 
 log = logging.getLogger("gateway.postback")
@@ -50,9 +48,6 @@ KEY_USE_EVERY = timedelta(seconds=60)
 
 #: Longer dedupe keys are stored as their SHA-256.
 MAX_DEDUPE_KEY = 200
-
-#: Longest a postback waits for the status store before answering without it.
-STATUS_TIMEOUT_S = 0.5
 
 # What may follow a restricted network's name: "Facebook Ads", "twitter_int", "X (Twitter)";
 # not "-", so "X-Men Games" is not X.
@@ -79,7 +74,7 @@ class Gateway:
         config: Config,
         partners: Mapping[str, LoadedPartner],
         storage: Storage,
-        status: StatusStore,
+        status: StatusNotes,
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
@@ -148,7 +143,7 @@ class Gateway:
             batch = reader.is_batch(body)
             events = self.map_payloads(partner, payloads, batch=batch)
         except GatewayError as exc:
-            await self.count_refusal(name, exc, authenticated)
+            self.count_refusal(name, exc, authenticated)
             raise
         return await self._filter_and_store(name, events, batch=batch)
 
@@ -165,13 +160,13 @@ class Gateway:
             self.metrics.storage_errors.inc()
             log.warning("last use of key %s not recorded: %s", key_id, exc.reason)
 
-    async def count_refusal(self, partner: str, exc: GatewayError, authenticated: bool) -> None:
+    def count_refusal(self, partner: str, exc: GatewayError, authenticated: bool) -> None:
         if exc.status_code == 401:
-            await self._record(partner, {"unauthorized": 1})
+            self._record(partner, {"unauthorized": 1})
         elif exc.status_code == 429:  # transient: the partner retries; not "rejected"
-            await self._record(partner, {"rate_limited": 1})
+            self._record(partner, {"rate_limited": 1})
         elif authenticated and exc.status_code < 500:
-            await self._record(partner, {"rejected": 1})
+            self._record(partner, {"rejected": 1})
 
     def map_payloads(
         self,
@@ -263,7 +258,7 @@ class Gateway:
                 success_at = event.received_at or success_at
 
         self.metrics.count_events(partner, [event for _, event in events], results)
-        await self._record(partner, counts, success_at)  # step 8
+        self._record(partner, counts, success_at)  # step 8
         done = [r for r in results if r is not None]
         status_code = 202 if counts["accepted"] else 200
         if not done:
@@ -282,20 +277,12 @@ class Gateway:
         }
         return Answer(status_code, body, "batch")
 
-    async def _record(
+    def _record(
         self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
     ) -> None:
-        """Status is bookkeeping: a status-store failure is logged, never answered as an error,
-        and a stuck store may not hold the answer past partners' timeouts (Branch waits 2 s)."""
-        try:
-            async with asyncio.timeout(STATUS_TIMEOUT_S):  # no task per call, as wait_for makes
-                await self.status.record(partner, counts, success_at)
-        except StatusUnavailable as exc:
-            self.metrics.status_errors.inc()
-            log.warning("status not recorded for %s: %s", partner, exc.reason)
-        except TimeoutError:
-            self.metrics.status_errors.inc()
-            log.warning("status for %s not recorded within %ss", partner, STATUS_TIMEOUT_S)
+        """Step 8. Status is bookkeeping: the update is noted and written within a moment
+        (gateway/status/buffer.py); the answer never waits for it, nor fails with it."""
+        self.status.note(partner, counts, success_at)
 
 
 def map_payload(

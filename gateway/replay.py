@@ -249,6 +249,11 @@ class NoStatus:
     async def record_batch(self, batch: Mapping[str, Delta], writer: str, seq: int) -> None:
         raise RuntimeError("a replay does not record status")
 
+    def note(
+        self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
+    ) -> None:
+        raise RuntimeError("a replay does not record status")
+
     async def get(self, partner: str) -> StatusRecord:
         return StatusRecord()
 

@@ -69,6 +69,15 @@ class StatusStore(Protocol):
         ``seq`` only grows. See :mod:`gateway.status.buffer`."""
 
 
+class StatusNotes(StatusStore, Protocol):
+    """A status store that also takes updates without being waited for (the postback path)."""
+
+    def note(
+        self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
+    ) -> None:
+        """Add the update; it is written later (see :mod:`gateway.status.buffer`)."""
+
+
 def open_status(redis_url: str, data_dir: str, key_prefix: str = "gateway:") -> StatusStore:
     if redis_url:
         from gateway.status.redis import RedisStatusStore

@@ -11,9 +11,14 @@ an outage costs no counts either:
 - writes are batched: one write *round* at a time takes everything pending, for every partner,
   and applies it in one store call (all or nothing). Updates that arrive meanwhile go to the
   next round, so a burst of postbacks costs a few store round trips, not one each.
+- a postback does not wait for its update to be written (:meth:`BufferedStatus.note`): the
+  first update after a round schedules the next one ``FLUSH_AFTER_S`` later, so under load a
+  process writes status a few times a second, whatever the rate of postbacks. A read
+  (:meth:`BufferedStatus.get`) first writes what this process has pending, so a process always
+  reads its own updates; another process's show within ``FLUSH_AFTER_S`` (and its round trip).
 - a round that fails or times out leaves its batch pending; the next round (the next postback's,
-  or a retry every second while anything is pending) writes it. A postback waits for its round at
-  most ``STATUS_TIMEOUT_S`` (gateway.postback); the round itself goes on without it.
+  or a retry every second while anything is pending) writes it. Each failed round counts in
+  ``gateway_status_errors_total``.
 - a batch whose outcome is unknown (sent, but the reply was lost when Redis died or timed out) is
   *in doubt*: it is re-sent as it is, with the same sequence number, before anything newer. The
   store applies each ``(writer, seq)`` at most once, so a batch is counted exactly once.
@@ -41,6 +46,12 @@ log = logging.getLogger("gateway.status")
 #: Seconds between retries while updates are pending.
 RETRY_EVERY_S = 1.0
 
+#: Longest an update noted by a postback waits before a round writes it.
+FLUSH_AFTER_S = 0.05
+
+#: Longest a read waits for this process's pending updates to be written before reading.
+READ_FLUSH_S = 0.5
+
 #: Longest a graceful stop waits to write what is pending.
 CLOSE_WAIT_S = 2.0
 
@@ -57,10 +68,14 @@ class BufferedStatus:
         store: StatusStore,
         metrics: Metrics | None = None,
         retry_every: float = RETRY_EVERY_S,
+        flush_after: float = FLUSH_AFTER_S,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.retry_every = retry_every
+        self.flush_after = flush_after
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._failing = False  # a round failed and nothing was written since (logged once)
         self.writer = uuid.uuid4().hex  # this process's writer id; seq counts its batches
         self._seq = 0
         self._fresh: dict[str, Delta] = {}  # merged updates not yet in any round
@@ -83,6 +98,9 @@ class BufferedStatus:
         self._retrier = asyncio.create_task(self._retry(), name="status-retry")
 
     async def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self._retrier is not None:
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -104,7 +122,24 @@ class BufferedStatus:
         await self.store.ping()
 
     async def get(self, partner: str) -> StatusRecord:
+        """The partner's status, this process's pending updates written first (if the store
+        takes them within ``READ_FLUSH_S``)."""
+        if self.pending:
+            with contextlib.suppress(StatusUnavailable, TimeoutError):
+                async with asyncio.timeout(READ_FLUSH_S):
+                    await asyncio.shield(self._round())
         return await self.store.get(partner)
+
+    def note(
+        self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
+    ) -> None:
+        """Add the update without waiting for it: a round writes it within ``flush_after``
+        seconds. A postback is answered once its event is durable, not its status."""
+        if not self._add(partner, counts, success_at):
+            return
+        if self._flush_timer is None and self._next_round is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(self.flush_after, self._flush)
 
     async def record(
         self, partner: str, counts: Mapping[str, int], success_at: datetime | None = None
@@ -144,7 +179,31 @@ class BufferedStatus:
             self._next_round = task
             self._tasks.add(task)
             task.add_done_callback(self._done)
+            task.add_done_callback(self._flushed)
         return self._next_round
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        self._round()
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        """Every failed round counts in ``gateway_status_errors_total``; an outage is logged
+        when it starts and when it ends."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
+            if self._failing and not self.pending:
+                log.info("status: caught up")
+            self._failing = self._failing and bool(self.pending)
+            return
+        if self.metrics is not None:
+            self.metrics.status_errors.inc()
+        if self._failing:
+            return
+        self._failing = True
+        if isinstance(exc, StatusUnavailable):
+            log.warning("status: %d update(s) pending: %s", self.pending, exc.reason)
+        else:
+            log.error("status: write failed", exc_info=exc)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -172,25 +231,13 @@ class BufferedStatus:
         self._in_doubt = None  # written, or found written before (same seq)
 
     async def _retry(self) -> None:
-        """While anything is pending, try again every ``retry_every`` seconds."""
-        behind = False
+        """While anything is pending, try again every ``retry_every`` seconds (failures are
+        counted and logged by :meth:`_flushed`)."""
         while True:
             await asyncio.sleep(self.retry_every)
-            if not self.pending:
-                continue
-            try:
-                await asyncio.shield(self._round())
-            except StatusUnavailable as exc:
-                if not behind:
-                    log.warning("status: %d update(s) pending: %s", self.pending, exc.reason)
-                behind = True
-            except Exception:
-                log.exception("status: retry failed")
-                behind = True
-            else:
-                if behind:
-                    log.info("status: caught up")
-                behind = False
+            if self.pending:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._round())
 
     def _publish(self) -> None:
         if self.metrics is not None:
