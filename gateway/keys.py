@@ -16,6 +16,7 @@ are still accepted, and rewritten as keyed hashes the first time the key is used
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -42,11 +43,14 @@ def key_secret(config: Config) -> bytes:
     return text.encode("utf-8")
 
 
+@functools.lru_cache(maxsize=16)
 def secret_id(secret: bytes) -> str:
     return hmac.new(secret, b"gateway api key secret id", hashlib.sha256).hexdigest()[:8]
 
 
 def _digest(key: str, secret: bytes) -> str:
+    # hmac.new, not hmac.digest: the one-shot call lets go of the interpreter lock, and on a
+    # busy gateway winning it back from the storage thread costs more than the hash itself.
     return hmac.new(secret, key.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
@@ -85,24 +89,26 @@ async def check_key(storage: Storage, partner: str, key: str | None, secret: byt
             "an X-Api-Key header or an api_key field"
         )
     ours = secret_id(secret)
-    keyed = f"{SCHEME}:{ours}:{_digest(key, secret)}".encode()
-    plain = legacy_hash(key).encode()
+    keyed = f"{SCHEME}:{ours}:{_digest(key, secret)}"
+    plain = None
     found = legacy = None
     foreign: set[str] = set()
     for key_id, stored in await storage.active_key_hashes(partner):
         # Compare against every key, so the time taken does not depend on which one matched.
         if stored.startswith(SCHEME + ":"):
-            if hmac.compare_digest(keyed, stored.encode()):
+            if hmac.compare_digest(keyed.encode(), stored.encode()):
                 found = key_id
             elif stored.split(":")[1] != ours:
                 foreign.add(stored.split(":")[1])
-        elif hmac.compare_digest(plain, stored.encode()):
-            found = legacy = key_id
+        else:
+            plain = plain or legacy_hash(key)
+            if hmac.compare_digest(plain.encode(), stored.encode()):
+                found = legacy = key_id
     if found is None:
         _report_foreign(partner, ours, foreign)
         raise Unauthorized(f"invalid API key for partner {partner!r}")
-    if legacy is not None:
-        await _upgrade(storage, legacy, plain.decode(), hash_key(key, secret))
+    if legacy is not None and plain is not None:
+        await _upgrade(storage, legacy, plain, hash_key(key, secret))
     return found
 
 

@@ -5,7 +5,7 @@ connection is only ever touched by its own thread.
 
 Callers hand the thread work (a function of the connection) through a queue. The thread takes
 everything that is waiting at once and answers it with one wake-up of the event loop, not one
-per call. Three kinds of work:
+per call. Four kinds of work:
 
 - :meth:`SQLiteThread.run`: run as it is (autocommit: a write is its own transaction).
 - :meth:`SQLiteThread.transaction`: inside its own ``BEGIN IMMEDIATE … COMMIT``.
@@ -15,14 +15,23 @@ per call. Three kinds of work:
   statement, which SQLite undoes by itself when it fails): a piece that fails is rolled back to
   its savepoint and fails alone, the others go on. No caller hears back before the COMMIT
   succeeded; if the COMMIT fails, every piece of the group fails (none of it is stored).
-  ``group_window_s`` > 0 makes the thread wait that long for more work to join a group that
-  is not full; 0 (the default) groups what arrived while the previous commit was syncing,
-  which is already many pieces under load and adds no wait when there is no load.
+- :meth:`SQLiteThread.grouped_batch`: group commit for work given as data (a *piece*) and a
+  function that writes many pieces at once, atomically (one statement in autocommit mode, or its
+  own transaction). All pieces waiting together with the same function are written by one call
+  of it: one statement, one lock, one fsync. If that call fails, each piece is written alone,
+  so a bad piece fails alone. Every call of the sqlite3 module lets go of the interpreter lock
+  and must win it back from the busy event loop, so one statement per group instead of several
+  per piece is what keeps this thread from lagging behind under load.
+
+``group_window_s`` > 0 makes the thread wait that long for more grouped work to join a group
+that is not full; 0 (the default) groups what arrived while the previous commit was syncing,
+which is already many pieces under load and adds no wait when there is no load.
 
 Work taken together is in flight at the same time (no caller has had its answer), so any order
 is a valid one: the thread runs the plain work first, in order, answers it at once, then the
-group. A piece of grouped work sees the pieces before it in its group, so two stores of the same
-dedupe key in one group find each other, exactly as in two transactions one after the other.
+batches, then the group. A piece of grouped work sees the pieces before it in its group, so two
+stores of the same dedupe key in one group find each other, exactly as in two transactions one
+after the other (a batch function must see to the same among its pieces).
 """
 
 from __future__ import annotations
@@ -40,14 +49,18 @@ from gateway.errors import GatewayError
 
 T = TypeVar("T")
 
-Kind = Literal["run", "transaction", "grouped"]
+Kind = Literal["run", "transaction", "grouped", "batch"]
 
 #: Most grouped pieces committed in one transaction.
 MAX_GROUP = 256
 
 
+#: Handles several pieces of grouped work at once: one result per piece, in order.
+BatchWork = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+
+
 class _Item:
-    __slots__ = ("answered", "future", "kind", "loop", "one_statement", "work")
+    __slots__ = ("answered", "batch", "future", "kind", "loop", "one_statement", "piece", "work")
 
     def __init__(
         self,
@@ -56,12 +69,16 @@ class _Item:
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
         one_statement: bool = False,
+        batch: BatchWork | None = None,
+        piece: Any = None,
     ) -> None:
         self.work = work
         self.kind = kind
         self.loop = loop
         self.future = future
         self.one_statement = one_statement
+        self.batch = batch  # set for grouped_batch: work is batch(conn, [piece])[0]
+        self.piece = piece
         self.answered = False
 
 
@@ -152,11 +169,27 @@ class SQLiteThread:
         aside), which SQLite undoes by itself when it fails, so no savepoint is needed."""
         return await self._submit(work, "grouped", one_statement)
 
+    async def grouped_batch(self, piece: Any, batch: BatchWork) -> Any:
+        """Like :meth:`grouped` for ``batch(connection, [piece])[0]``, except that the pieces
+        waiting together with the same ``batch`` are handled by one call of it (see the
+        module's docstring). ``batch`` must change the database with one statement at most
+        per call, or leave it unchanged when it raises."""
+
+        def alone(conn: sqlite3.Connection) -> Any:
+            return batch(conn, [piece])[0]
+
+        return await self._submit(alone, "batch", False, batch, piece)
+
     async def ping(self) -> None:
         await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def _submit(
-        self, work: Callable[[sqlite3.Connection], T], kind: Kind, one_statement: bool = False
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        kind: Kind,
+        one_statement: bool = False,
+        batch: BatchWork | None = None,
+        piece: Any = None,
     ) -> T:
         if self._thread is None:
             raise self.error(f"{self.path.name} is not open")
@@ -168,7 +201,7 @@ class SQLiteThread:
         if pending is None:
             pending = self._outgoing[loop] = []
             loop.call_soon(self._hand_over, loop)
-        pending.append(_Item(work, kind, loop, future, one_statement))
+        pending.append(_Item(work, kind, loop, future, one_statement, batch, piece))
         return await future
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -208,18 +241,21 @@ class SQLiteThread:
                 _deliver([(item, None, closed) for item in handed])
 
     def _work(self, items: list[_Item]) -> None:
-        plain = [item for item in items if item.kind != "grouped"]
+        plain = [item for item in items if item.kind in ("run", "transaction")]
         group = [item for item in items if item.kind == "grouped"]
+        batched = [item for item in items if item.kind == "batch"]
         if plain:
             _deliver([self._one(item) for item in plain])
+        if batched:
+            _deliver(self._batches(batched))
         while group:
             if self.group_window_s > 0 and len(group) < self.max_group:
                 more = self._wait_for_more(len(group))
                 items += more
                 group += [item for item in more if item.kind == "grouped"]
-                plain = [item for item in more if item.kind != "grouped"]
-                if plain:  # work of another kind arrived meanwhile: answer it first
-                    _deliver([self._one(item) for item in plain])
+                other = [item for item in more if item.kind != "grouped"]
+                if other:  # work of another kind arrived meanwhile: answer it first
+                    _deliver([self._one(item) for item in other])
             head, group = group[: self.max_group], group[self.max_group :]
             _deliver(self._group(head))
 
@@ -256,7 +292,7 @@ class SQLiteThread:
     def _one(self, item: _Item) -> _Outcome:
         try:
             conn = self._connect()
-            if item.kind == "run":
+            if item.kind in ("run", "batch"):  # a batch function makes its own transaction
                 return item, item.work(conn), None
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -317,6 +353,29 @@ class SQLiteThread:
         self.groups += 1
         self.grouped_pieces += len(done)
         return failed + done
+
+    def _batches(self, items: list[_Item]) -> list[_Outcome]:
+        """Batched pieces: those sharing a batch function in one call of it, in autocommit mode
+        (the call is its own transaction: one statement, so one lock and one fsync for all of
+        them). If that call fails, each piece is tried alone, so a bad piece fails alone."""
+        by_batch: dict[BatchWork, list[_Item]] = {}
+        for item in items:
+            assert item.batch is not None
+            by_batch.setdefault(item.batch, []).append(item)
+        outcomes: list[_Outcome] = []
+        for batch, pieces in by_batch.items():
+            try:
+                conn = self._connect()
+                results = batch(conn, [item.piece for item in pieces])
+                if len(results) != len(pieces):
+                    raise RuntimeError("a batch function must return one result per piece")
+            except Exception:
+                outcomes += [self._one(item) for item in pieces]
+                continue
+            self.groups += 1
+            self.grouped_pieces += len(pieces)
+            outcomes += [(item, result, None) for item, result in zip(pieces, results, strict=True)]
+        return outcomes
 
 
 def _deliver(outcomes: list[_Outcome]) -> None:

@@ -3,11 +3,22 @@
 All database work runs on one dedicated thread per process, so the event loop never blocks on
 disk. Several processes may share the file; SQLite's write lock and the unique index on
 ``(partner, dedupe_key)`` keep concurrent retries to one stored event.
+
+The partners' active key hashes are read on every postback, so each process keeps them in memory
+with a *stamp*: eight bytes in ``<database>-keys``, mapped into memory by every process using
+the database, which every change to the keys (add, revoke, rehash) sets to new random bytes
+once it is committed. A read compares the stamp with the one its copy was made under (a memory
+read, no system call) and reads the table again when they differ, so a revoked key is refused
+from the next request on, in every process on the host. A copy is also read again after
+``KEY_CACHE_MAX_AGE_S`` seconds, in case a process died between its commit and its stamp.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +38,100 @@ from gateway.storage import (
 )
 from gateway.storage.migrations import migrate_sqlite
 
+#: An event as stored: event_id, partner, dedupe_key, kind, attributed, received_at, body.
+_Row = tuple[str, str, str, str, int, str, bytes]
+
+
+#: Rows per INSERT statement: 7 parameters each, within SQLite's limit of 32,766.
+INSERT_ROWS = 4000
+
+_INSERT = (
+    "INSERT INTO events (event_id, partner, dedupe_key, kind, attributed, received_at, body)"
+    " VALUES "
+)
+_ROW = "(?, ?, ?, ?, ?, ?, ?)"
+
+
+def _store_rows(conn: sqlite3.Connection, calls: list[list[_Row]]) -> list[list[StoreResult]]:
+    """Store the rows of several ``store`` calls at once, atomically: one multi-row INSERT in
+    autocommit mode (its own transaction), or one transaction for more than INSERT_ROWS rows. A
+    row whose (partner, dedupe_key) is stored already, or comes earlier in the same INSERT, is
+    skipped. One list of results per call, in order."""
+    rows = [row for call in calls for row in call]
+    if not rows:
+        return [[] for _ in calls]
+    if len(rows) <= INSERT_ROWS:
+        inserted = _insert(conn, rows)
+    else:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            inserted = sum(
+                _insert(conn, rows[start : start + INSERT_ROWS])
+                for start in range(0, len(rows), INSERT_ROWS)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    if inserted == len(rows):
+        return [[StoreResult(stored=True, event_id=row[0]) for row in call] for call in calls]
+    # Some were stored already (retries, rare): each row's stored event tells which.
+    out: list[list[StoreResult]] = []
+    for call in calls:
+        results = []
+        for row in call:
+            (existing,) = conn.execute(
+                "SELECT event_id FROM events WHERE partner = ? AND dedupe_key = ?",
+                (row[1], row[2]),
+            ).fetchone()
+            results.append(StoreResult(stored=existing == row[0], event_id=str(existing)))
+        out.append(results)
+    return out
+
+
+def _insert(conn: sqlite3.Connection, rows: list[_Row]) -> int:
+    sql = _INSERT + ", ".join([_ROW] * len(rows)) + " ON CONFLICT (partner, dedupe_key) DO NOTHING"
+    return int(conn.execute(sql, [value for row in rows for value in row]).rowcount)
+
+
+#: Longest a process uses its copy of a partner's key hashes without reading them again.
+KEY_CACHE_MAX_AGE_S = 5.0
+
+
+class ChangeStamp:
+    """Eight bytes in a file, shared through memory by every process that maps it: changed to
+    new random bytes by :meth:`change`, compared by :meth:`read` (no system call)."""
+
+    SIZE = 8
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._map: mmap.mmap | None = None
+
+    def open(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < self.SIZE:
+                os.ftruncate(fd, self.SIZE)
+            self._map = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def read(self) -> bytes:
+        if self._map is None:
+            raise StorageUnavailable(f"{self.path.name} is not open")
+        return self._map[: self.SIZE]
+
+    def change(self) -> None:
+        if self._map is not None:
+            self._map[: self.SIZE] = os.urandom(self.SIZE)
+
 
 class SQLiteStorage:
     def __init__(self, path: Path) -> None:
@@ -34,16 +139,22 @@ class SQLiteStorage:
         # The schema comes from the migrations (gateway/storage/migrations.py), run in open().
         self._db = SQLiteThread(path, "", StorageUnavailable, synchronous="FULL")
         self._run = self._db.run
+        self._key_stamp = ChangeStamp(path.with_name(path.name + "-keys"))
+        #: partner → (stamp, monotonic time read, active key hashes)
+        self._key_cache: dict[str, tuple[bytes, float, list[tuple[str, str]]]] = {}
 
     async def open(self) -> None:
         await self._db.open()
         try:
             await self._db.transaction(lambda conn: migrate_sqlite(conn, str(self.path)))
+            self._key_stamp.open()
         except BaseException:
             await self._db.close()
             raise
 
     async def close(self) -> None:
+        self._key_stamp.close()
+        self._key_cache.clear()
         await self._db.close()
 
     async def ping(self) -> None:
@@ -67,29 +178,10 @@ class SQLiteStorage:
             )
             for e in events
         ]
-
-        def work(conn: sqlite3.Connection) -> list[StoreResult]:
-            results: list[StoreResult] = []
-            for row in rows:
-                cur = conn.execute(
-                    "INSERT INTO events (event_id, partner, dedupe_key, kind, attributed,"
-                    " received_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (partner, dedupe_key) DO NOTHING",
-                    row,
-                )
-                if cur.rowcount == 1:
-                    results.append(StoreResult(stored=True, event_id=row[0]))
-                else:
-                    (existing,) = conn.execute(
-                        "SELECT event_id FROM events WHERE partner = ? AND dedupe_key = ?",
-                        (row[1], row[2]),
-                    ).fetchone()
-                    results.append(StoreResult(stored=False, event_id=existing))
-            return results
-
-        # Group commit: stores arriving together share one transaction and one fsync, each in
-        # its own savepoint; answered only once that transaction is committed.
-        return await self._db.grouped(work, one_statement=len(rows) == 1)
+        # Group commit: stores arriving together are written by one INSERT, one transaction and
+        # one fsync (gateway/sqlite_thread.py); answered only once it is committed.
+        results: list[StoreResult] = await self._db.grouped_batch(rows, _store_rows)
+        return results
 
     async def events(self, partner: str | None = None, limit: int = 50) -> list[AttributionEvent]:
         def work(conn: sqlite3.Connection) -> list[bytes]:
@@ -203,9 +295,20 @@ class SQLiteStorage:
                 ),
             )
 
-        await self._run(work)
+        try:
+            await self._run(work)
+        finally:
+            self._key_stamp.change()
 
     async def active_key_hashes(self, partner: str) -> list[tuple[str, str]]:
+        # The stamp is read before the table: a change committed in between is read now and
+        # cached under the old stamp, so the next call reads the table once more. Never stale.
+        stamp = self._key_stamp.read()
+        now = time.monotonic()
+        cached = self._key_cache.get(partner)
+        if cached is not None and cached[0] == stamp and now - cached[1] < KEY_CACHE_MAX_AGE_S:
+            return list(cached[2])
+
         def work(conn: sqlite3.Connection) -> list[tuple[str, str]]:
             cur = conn.execute(
                 "SELECT key_id, key_hash FROM api_keys WHERE partner = ? AND revoked_at IS NULL",
@@ -213,7 +316,9 @@ class SQLiteStorage:
             )
             return [(str(a), str(b)) for a, b in cur.fetchall()]
 
-        return await self._run(work)
+        hashes = await self._run(work)
+        self._key_cache[partner] = (stamp, now, hashes)
+        return list(hashes)
 
     async def keys(self, partner: str | None = None) -> list[KeyRecord]:
         def work(conn: sqlite3.Connection) -> list[KeyRecord]:
@@ -245,7 +350,10 @@ class SQLiteStorage:
             )
             return cur.rowcount == 1
 
-        return await self._run(work)
+        try:
+            return await self._run(work)
+        finally:
+            self._key_stamp.change()
 
     async def touch_key(self, key_id: str, at: datetime) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -264,7 +372,10 @@ class SQLiteStorage:
                 (new_hash, key_id, old_hash),
             )
 
-        await self._run(work)
+        try:
+            await self._run(work)
+        finally:
+            self._key_stamp.change()
 
     async def purge(
         self, raw_before: datetime | None, device_ids_before: datetime | None, batch: int = 500
