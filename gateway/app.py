@@ -22,7 +22,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath
 
 from gateway import openapi
-from gateway.body import PayloadTooLarge, RequestTimeout, check_encoding
+from gateway.body import PayloadTooLarge, RequestTimeout, check_encoding, postback_headers
 from gateway.config import Config, admin_token, config_path, load_config
 from gateway.errors import (
     BadRequest,
@@ -82,9 +82,10 @@ async def postback(request: Request[Any, Any, Any], partner: FromPath[str]) -> R
     outcome, status_code = "error", 500
     try:
         loaded = _partner_for(gw, partner, request.method)
+        headers = postback_headers(request.scope["headers"])
 
         async def read_body() -> bytes:
-            check_encoding(request.headers)
+            check_encoding(headers)
             timeout = gw.config.server.body_timeout_seconds
             try:  # a body trickled slowly is cut off (gateway/protocol.py does so for all routes)
                 async with asyncio.timeout(timeout):  # no task per request, as wait_for makes
@@ -98,7 +99,7 @@ async def postback(request: Request[Any, Any, Any], partner: FromPath[str]) -> R
                 raise BadRequest("client disconnected before sending the whole body") from None
 
         answer = await gw.postback(
-            loaded, request.scope.get("query_string", b""), request.headers, read_body
+            loaded, request.scope.get("query_string", b""), headers, read_body
         )
         outcome, status_code = answer.outcome, answer.status_code
         if outcome == "ignored":  # ignored_organic, ignored_restricted

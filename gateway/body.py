@@ -8,9 +8,9 @@ removed. Percent-decoding happens here, once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 import msgspec
 
@@ -52,7 +52,10 @@ def parse_query(raw: bytes | str) -> dict[str, str]:
     """Decode a query string (or form body) once; the first of repeated fields wins."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+        pairs = [
+            (_unquote(name), _unquote(value))
+            for name, _, value in (part.partition("=") for part in text.split("&") if part)
+        ]
     except UnicodeDecodeError:
         raise BadRequest("query string or form body is not valid UTF-8") from None
     except ValueError as exc:  # too many fields, etc.
@@ -64,6 +67,30 @@ def parse_query(raw: bytes | str) -> dict[str, str]:
         if name not in out or (name == KEY_FIELD and not out[name].strip()):
             out[name] = value
     return out
+
+
+#: The request headers a postback reads.
+HEADERS = (b"authorization", b"x-api-key", b"content-type", b"content-encoding")
+
+
+def postback_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers a postback reads, from the ASGI scope's list (names are lower case there);
+    the first of repeated ones wins."""
+    out: dict[str, str] = {}
+    for name, value in raw:
+        if name in HEADERS:
+            out.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return out
+
+
+def _unquote(text: str) -> str:
+    """A query string field as ``parse_qsl`` decodes it ("+" is a space, %XX UTF-8 bytes), with
+    invalid UTF-8 refused; most fields need neither step."""
+    if "+" in text:
+        text = text.replace("+", " ")
+    if "%" in text:
+        text = unquote(text, encoding="utf-8", errors="strict")
+    return text
 
 
 def key_from_request(query: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
@@ -131,7 +158,9 @@ def _parse_json(body: bytes, max_items: int) -> list[dict[str, Any]]:
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply") from None
-    if nested_deeper_than(data, MAX_JSON_DEPTH):
+    # Fewer brackets than the limit cannot nest deeper than it: most bodies skip the walk.
+    brackets = body.count(b"{") + body.count(b"[")
+    if brackets > MAX_JSON_DEPTH and nested_deeper_than(data, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(data, dict):
         return [data]
