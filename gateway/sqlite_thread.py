@@ -16,12 +16,13 @@ per call. Four kinds of work:
   its savepoint and fails alone, the others go on. No caller hears back before the COMMIT
   succeeded; if the COMMIT fails, every piece of the group fails (none of it is stored).
 - :meth:`SQLiteThread.grouped_batch`: group commit for work given as data (a *piece*) and a
-  function that writes many pieces at once, atomically (one statement in autocommit mode, or its
-  own transaction). All pieces waiting together with the same function are written by one call
-  of it: one statement, one lock, one fsync. If that call fails, each piece is written alone,
-  so a bad piece fails alone. Every call of the sqlite3 module lets go of the interpreter lock
-  and must win it back from the busy event loop, so one statement per group instead of several
-  per piece is what keeps this thread from lagging behind under load.
+  function that writes many pieces at once, atomically (one statement in autocommit mode, or
+  its own transaction), and raises only having written nothing. All pieces waiting together
+  with the same function are written by one call of it: one statement, one lock, one fsync. If
+  that call fails, each piece is written alone, so a bad piece fails alone. Every call of the
+  sqlite3 module lets go of the interpreter lock and must win it back from the busy event loop,
+  so one statement per group instead of several per piece is what keeps this thread from
+  lagging behind under load.
 
 ``group_window_s`` > 0 makes the thread wait that long for more grouped work to join a group
 that is not full; 0 (the default) groups what arrived while the previous commit was syncing,

@@ -56,7 +56,9 @@ class Storage(Protocol):
         """Raise StorageUnavailable unless the backend answers."""
 
     async def store(self, events: Sequence[AttributionEvent]) -> list[StoreResult]:
-        """Store events in one transaction; an event whose dedupe key exists is not stored."""
+        """Store events in one transaction; an event whose dedupe key exists is not stored.
+        Each event's event_id must be new (``map_payload`` makes one per event): for an event
+        stored again under its own id, ``stored`` is unspecified."""
 
     async def events(self, partner: str | None = None, limit: int = 50) -> list[AttributionEvent]:
         """The most recently stored events, newest first."""
