@@ -34,6 +34,7 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.events import event_encoder
+from gateway.logs import info_line
 from gateway.metrics import CONTENT_TYPE, UNKNOWN_PARTNER, Metrics, result_of
 from gateway.plugins import LoadedPartner, load_partners
 from gateway.postback import Gateway
@@ -112,9 +113,10 @@ async def postback(request: Request[Any, Any, Any], partner: FromPath[str]) -> R
         elapsed = time.perf_counter() - started
         label = partner if partner in gw.partners else UNKNOWN_PARTNER  # bounded label values
         gw.metrics.observe_postback(label, outcome, elapsed)
-        log.info(
+        info_line(
+            log,
             "postback",
-            extra={
+            {
                 "partner": label,
                 "method": request.method,
                 "status": status_code,

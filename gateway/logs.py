@@ -13,6 +13,7 @@ import json
 import logging
 import logging.config
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -114,21 +115,40 @@ class JsonFormatter(logging.Formatter):
         extras = [key for key in fields if key not in _STANDARD]
         if not _OWN_KEYS.isdisjoint(extras):
             return self._format_via_dict(record, extras)
+        exc = scrub(self.formatException(record.exc_info)) if record.exc_info else None
+        return self.line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            {key: fields[key] for key in extras},
+            exc,
+        )
+
+    @staticmethod
+    def line(
+        created: float,
+        levelname: str,
+        name: str | None,
+        message: str,
+        extras: dict[str, Any],
+        exc: str | None = None,
+    ) -> str:
+        """The line of a record with these values (``extras`` must not use the keys above)."""
         parts = [
             '{"ts": "',
-            _timestamp(record.created),
+            _timestamp(created),
             '", "level": ',
-            encode_basestring(record.levelname.lower()),
+            encode_basestring(levelname.lower()),
             ', "logger": ',
-            _SCALARS.get(type(record.name), _dumps)(record.name),  # None in a makeLogRecord({})
+            _SCALARS.get(type(name), _dumps)(name),  # None in a makeLogRecord({})
             ', "msg": ',
-            encode_basestring(scrub(record.getMessage())),
+            encode_basestring(scrub(message)),
         ]
-        for key in extras:
-            value = fields[key]
+        for key, value in extras.items():
             parts += (", ", encode_basestring(key), ": ", _SCALARS.get(type(value), _dumps)(value))
-        if record.exc_info:
-            parts += (', "exc": ', encode_basestring(scrub(self.formatException(record.exc_info))))
+        if exc is not None:
+            parts += (', "exc": ', encode_basestring(exc))
         parts.append("}")
         return "".join(parts)
 
@@ -187,6 +207,17 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._scheduled = loop
             loop.call_soon(self._turn_ended)
 
+    def emit_line(self, line: str) -> None:
+        """Write a line already formatted, on the thread running the event loop."""
+        loop = asyncio.get_running_loop()
+        with self.lock or contextlib.nullcontext():
+            self._lines.append(line)
+            if self._scheduled is not loop:
+                if self._scheduled is not None:
+                    self._write_pending()
+                self._scheduled = loop
+                loop.call_soon(self._turn_ended)
+
     def _turn_ended(self) -> None:
         with self.lock or contextlib.nullcontext():
             self._write_pending()
@@ -208,6 +239,44 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         with self.lock or contextlib.nullcontext():
             self._write_pending()
         super().flush()
+
+
+def info_line(logger: logging.Logger, message: str, extras: dict[str, Any]) -> None:
+    """``logger.info(message, extra=extras)`` from a coroutine, the same line, made without a
+    LogRecord when it goes straight to the server's own handler.
+
+    The postback route writes a line for every request, and the logging machinery around a
+    record (the record itself, the walk to the handlers, their locks) costs more than the line.
+    The short cut is taken only when nothing else would see the record: the logger and its
+    ancestors have no filters, the only handler on the way is one :class:`LoopBufferedHandler`
+    with a :class:`JsonFormatter` and no filters (as :data:`LOG_CONFIG` sets it up). Otherwise
+    (tests capturing logs, another set-up) the record goes through logging as usual.
+    """
+    handler = _sole_handler(logger)
+    if handler is None:
+        logger.info(message, extra=extras)
+        return
+    handler.emit_line(JsonFormatter.line(time.time(), "INFO", logger.name, message, extras))
+
+
+def _sole_handler(logger: logging.Logger) -> LoopBufferedHandler | None:
+    if logger.disabled or not logger.isEnabledFor(logging.INFO):
+        return None
+    found: logging.Handler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if found is not None or handler.filters or handler.level > logging.INFO:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if type(found) is not LoopBufferedHandler or type(found.formatter) is not JsonFormatter:
+        return None
+    return found
 
 
 #: Logging set-up for the server, as a dictConfig: uvicorn applies it in every worker process.
