@@ -31,7 +31,8 @@ _ID_MACRO = re.compile(r"^(\[[A-Za-z0-9_.$~-]+\]|%[A-Za-z0-9_]+%)$")
 _ZERO_ID = re.compile(r"^[0\-]+$")
 _NULL_IDS = frozenset({"null", "none", "nil", "undefined", "(null)", "unknown", "n/a"})
 _LONGEST_NULL_ID = max(len(word) for word in _NULL_IDS)
-_NUMERIC = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+# Possessive (++, *+): a date fails at its first "-" without retrying shorter runs of digits.
+_NUMERIC = re.compile(r"^[+-]?(?:\d++(?:\.\d*+)?|\.\d++)(?:[eE][+-]?\d++)?$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Earliest and latest times accepted: anything outside is a unit or data error.
 _MIN_TIME = datetime(1990, 1, 1, tzinfo=UTC)
@@ -44,8 +45,9 @@ def pick(payload: Mapping[str, Any], *paths: str) -> Any:
 
     A path may be dotted (``identity_link.braze_id``) to look inside nested objects.
     """
+    plain = type(payload) is dict
     for path in paths:
-        if type(payload) is dict and "." not in path:  # the common case, without the walk
+        if plain and "." not in path:  # the common case, without the walk
             value = payload.get(path)
             if value is not None and _present(value):
                 return value
@@ -61,8 +63,11 @@ def pick_named(payload: Mapping[str, Any], *paths: str, loose: bool = False) -> 
     partner actually sent: ``text(*pick_named(p, "campaign_name", "campaign_id"))``; with no
     value, the first path. ``loose`` compares keys at every level without case, ``_`` or ``-``
     (``braze_id``, ``brazeId``, ``Braze-ID``) and returns the path as the partner spelt it."""
+    plain = type(payload) is dict
+    if loose and plain and (ranks := _loose_ranks(paths)) is not None:
+        return _pick_loose(payload, ranks, paths[0])
     for path in paths:
-        if not loose and type(payload) is dict and "." not in path:  # as in pick()
+        if plain and not loose and "." not in path:  # as in pick()
             value = payload.get(path)
             if value is not None and _present(value):
                 return value, path
@@ -71,6 +76,38 @@ def pick_named(payload: Mapping[str, Any], *paths: str, loose: bool = False) -> 
         if found is not None:
             return found
     return None, paths[0]
+
+
+def _pick_loose(payload: Mapping[Any, Any], ranks: dict[str, int], first: str) -> tuple[Any, str]:
+    """A loose :func:`pick_named` of top-level keys in one pass over the payload, folding each
+    key once: the earliest path wins, and for one path the earliest key in the payload."""
+    best, found = len(ranks), (None, first)
+    for key, value in payload.items():
+        if not isinstance(key, str):
+            continue
+        rank = ranks.get(_fold(key))
+        if rank is not None and rank < best and value is not None and _present(value):
+            best, found = rank, (value, key)
+            if rank == 0:
+                break
+    return found
+
+
+@functools.lru_cache(maxsize=1024)  # mappings pass the same few lists of paths every time
+def _loose_ranks(paths: tuple[str, ...]) -> dict[str, int] | None:
+    """Each folded path and the position of its first spelling in ``paths``; None when a path
+    is dotted (walked level by level instead)."""
+    if any("." in path for path in paths):
+        return None
+    ranks: dict[str, int] = {}
+    for path in paths:
+        ranks.setdefault(_fold(path), len(ranks))
+    return ranks
+
+
+def present(value: Any) -> bool:
+    """Whether :func:`pick` takes ``value``: not null, blank or an unfilled ``{macro}``."""
+    return value is not None and _present(value)
 
 
 def _present(value: Any) -> bool:
@@ -189,7 +226,7 @@ def flag(value: Any, field: str) -> bool | None:
         return bool(value)
     if isinstance(value, str):
         word = value.strip().lower()
-        if not word or _MACRO.match(word):
+        if not word or (word[0] == "{" and _MACRO.match(word)):
             return None
         if word in _TRUE:
             return True
@@ -203,14 +240,14 @@ def number(value: Any, field: str) -> Decimal | None:
     are None."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise MappingError(field, "expected a number, got a boolean")
-    if isinstance(value, int | float | Decimal):
-        raw = str(value)
-    elif isinstance(value, str):
+    if isinstance(value, str):
         raw = value.strip()
-        if not raw or _MACRO.match(raw):
+        if not raw or (raw[0] == "{" and _MACRO.match(raw)):
             return None
+    elif isinstance(value, bool):
+        raise MappingError(field, "expected a number, got a boolean")
+    elif isinstance(value, int | float | Decimal):
+        raw = str(value)
     else:
         raise MappingError(field, f"expected a number, got {_kind(value)}")
     if not _NUMERIC.match(raw):
@@ -235,9 +272,11 @@ def timestamp(value: Any, field: str) -> datetime | None:
     """
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise MappingError(field, "expected a time, got a boolean")
-    if isinstance(value, int | float):
+    if not isinstance(value, str):  # text is the common case, below
+        if isinstance(value, bool):
+            raise MappingError(field, "expected a time, got a boolean")
+        if not isinstance(value, int | float):
+            raise MappingError(field, f"expected a time, got {_kind(value)}")
         if value == 0:
             return None
         try:
@@ -245,10 +284,10 @@ def timestamp(value: Any, field: str) -> datetime | None:
         except OverflowError:  # an int too large for a float
             raise MappingError(field, f"time out of range: {_show(value)}") from None
         return _from_epoch(seconds, field, value)
-    if not isinstance(value, str):
-        raise MappingError(field, f"expected a time, got {_kind(value)}")
     raw = value.strip()
-    if not raw or _MACRO.match(raw) or _ID_MACRO.match(raw):
+    if not raw:
+        return None
+    if raw[0] in "{[%" and (_MACRO.match(raw) or _ID_MACRO.match(raw)):
         return None
     if _NUMERIC.match(raw):
         seconds = float(raw)
@@ -267,6 +306,9 @@ def timestamp(value: Any, field: str) -> datetime | None:
 def as_utc(moment: datetime) -> datetime:
     """A naive time is taken as UTC; an aware one is converted to UTC."""
     if moment.tzinfo is None:
+        if type(moment) is datetime:
+            # The same as replace(tzinfo=UTC), fold included, at a fraction of its cost on 3.11.
+            return datetime.combine(moment.date(), moment.time(), UTC)
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
 
@@ -299,26 +341,31 @@ def stable_key(payload: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
     send times); they are left out so a retry hashes the same.
     """
     skip = set(ignore)
-    stable = {k: v for k, v in payload.items() if k not in skip}
+    if not skip and type(payload) is dict:
+        stable = payload  # nothing to leave out: encode it as it is
+    else:
+        stable = {k: v for k, v in payload.items() if k not in skip}
     digest = hashlib.sha256(msgspec.json.encode(stable, order="sorted")).hexdigest()
     return "sha256:" + digest
 
 
 def finalise(event: AttributionEvent) -> AttributionEvent:
     """Apply the core rules to a mapped event, whatever the plugin already did."""
+    # Only the values a rule changes are replaced: most arrive already normalised, and each
+    # one replaced costs.
     changes: dict[str, Any] = {}
     for name in ID_FIELDS:
         value = getattr(event, name)
-        if value is not None:
-            changes[name] = device_id(value, name)
+        if value is not None and (out := device_id(value, name)) is not value:
+            changes[name] = out
     for name in TEXT_FIELDS:
         value = getattr(event, name)
-        if value is not None:
-            changes[name] = text(value, name)
+        if value is not None and (out := text(value, name)) is not value:
+            changes[name] = out
     for name in ("event_time", "install_time", "touch_time"):
         value = getattr(event, name)
-        if value is not None:
-            changes[name] = as_utc(value)
+        if value is not None and (moment := as_utc(value)) is not value:
+            changes[name] = moment
     if event.platform is not None:
         changes["platform"] = _lower(text(event.platform, "platform"))
     if event.currency is not None:

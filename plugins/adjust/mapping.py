@@ -195,19 +195,21 @@ def _partner_parameters(payload: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 # -- field access -------------------------------------------------------------------------------
+# One field needs no pick(): text(), timestamp() and device_id() already take a blank value or
+# an unfilled {macro} as not sent.
 
 
 def _text(payload: Mapping[str, Any], field: str) -> str | None:
-    return text(pick(payload, field), field)
+    return text(payload.get(field), field)
 
 
 def _time(payload: Mapping[str, Any], field: str) -> datetime | None:
-    return timestamp(pick(payload, field), field)
+    return timestamp(payload.get(field), field)
 
 
 def _id(payload: Mapping[str, Any], *fields: str, prefix: str = "") -> str | None:
     for field in fields:
-        found = device_id(pick(payload, field), prefix + field)
+        found = device_id(payload.get(field), prefix + field)
         if found is not None:
             return found
     return None

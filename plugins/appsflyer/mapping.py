@@ -58,9 +58,11 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
     name = text(pick(payload, "event_name"), "event_name")
     if name is None:
         raise MappingError("event_name", "required: install, re-engagement, … or the event name")
-    kind = _kind(payload, name)
-    media_source = text(pick(payload, "media_source"), "media_source")
+    retargeting = flag(pick(payload, "is_retargeting"), "is_retargeting")
     campaign_type = text(pick(payload, "campaign_type"), "campaign_type")
+    conversion = CONVERSIONS.get(_fold(name))
+    kind = conversion or _in_app_kind(retargeting, campaign_type)
+    media_source = text(pick(payload, "media_source"), "media_source")
     install_time = _time(payload, "install_time")
     event_time = _time(payload, "event_time")
     if event_time is None and kind in ("install", "reinstall"):
@@ -69,7 +71,7 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
 
     return AttributionEvent(
         kind=kind,
-        event_name=kind if _fold(name) in CONVERSIONS else name,
+        event_name=kind if conversion is not None else name,
         attributed=_attributed(media_source, campaign_type),
         source=None if _is(media_source, RESTRICTED) else media_source,
         campaign=text(*pick_named(payload, "campaign", "af_c_id")),
@@ -97,14 +99,9 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
     )
 
 
-def _kind(payload: Mapping[str, Any], name: str) -> EventKind:
-    """Conversions by their event_name; in-app events are ``reengagement`` when a retargeting
-    campaign brought them (as Kochava's are), else ``event``."""
-    retargeting = flag(pick(payload, "is_retargeting"), "is_retargeting")
-    campaign_type = text(pick(payload, "campaign_type"), "campaign_type")
-    conversion = CONVERSIONS.get(_fold(name))
-    if conversion is not None:
-        return conversion
+def _in_app_kind(retargeting: bool | None, campaign_type: str | None) -> EventKind:
+    """An in-app event (any event_name but the conversions') is ``reengagement`` when a
+    retargeting campaign brought it (as Kochava's are), else ``event``."""
     if retargeting or _is(campaign_type, RETARGETING):
         return "reengagement"
     return "event"
@@ -119,7 +116,7 @@ def _attributed(media_source: str | None, campaign_type: str | None) -> bool:
 
 def _time(payload: Mapping[str, Any], field: str) -> datetime | None:
     """The UTC field (``yyyy-mm-dd hh:mm:ss.sss``), else its ``_selected_timezone`` twin."""
-    value = timestamp(pick(payload, field), field)
+    value = timestamp(payload.get(field), field)  # blank or {macro}: None, as with pick()
     if value is not None:
         return value
     local_field = field + SELECTED_TZ
@@ -162,12 +159,14 @@ def _dedupe_key(payload: Mapping[str, Any]) -> str:
     """AppsFlyer sends no event id and marks retries only in its own reports, so a retry is the
     same message again: hash its sent fields, leaving out the settings fields."""
     sent = _sent(payload)
-    ignore = set(SETTINGS_FIELDS)
     # A _selected_timezone twin repeats its UTC field; it only counts when that is missing.
-    ignore.update(
-        k for k in sent if k.endswith(SELECTED_TZ) and k.removesuffix(SELECTED_TZ) in sent
-    )
-    return stable_key(sent, ignore=ignore)
+    stable = {
+        k: v
+        for k, v in sent.items()
+        if k not in SETTINGS_FIELDS
+        and not (k.endswith(SELECTED_TZ) and k.removesuffix(SELECTED_TZ) in sent)
+    }
+    return stable_key(stable)
 
 
 # The fields actually sent: an empty field sent as null, as "" or not at all (AppsFlyer has done

@@ -13,7 +13,8 @@ may also arrive as JSON text. Every lookup below tries the nested form, then the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,7 @@ from gateway.normalise import (
     number,
     pick,
     pick_named,
+    present,
     text,
     timestamp,
 )
@@ -36,6 +38,7 @@ EVENT_DATA = "event_data"
 CUSTOM = "custom_data"
 INSTALL_ACTIVITY = "install_activity"
 NESTED = (TOUCH, USER, EVENT_DATA, CUSTOM, INSTALL_ACTIVITY)
+TOUCH_FLAT = f"{TOUCH}_"
 
 # Branch event names (compared without case) that are not in-app events. An OPEN is mapped to a
 # re-engagement: Branch sends attribution with an open only when a touch brought the user back;
@@ -56,57 +59,72 @@ _FLAT_PREFIXES = (("~", "tilde_"), ("$", "dollar_"), ("+", "plus_"))
 
 
 class BranchPayload:
-    """One Branch payload with its nested objects decoded, looked up nested-first then flat."""
+    """One Branch payload with its nested objects decoded. A key of an object is looked up
+    nested (``user_data.idfa``, or a field sent under that dotted name), then under its
+    log-level name (``user_data_idfa``). A nested or log-level value, or the Braze id, that
+    holds only blanks (an empty object) counts as not sent, as in has_touch(), so the next
+    place is tried."""
 
     def __init__(self, payload: Mapping[str, Any]) -> None:
         self.payload = payload
         self.objects = {name: json_object(payload.get(name), name) for name in NESTED}
-        # What lookups see: the nested objects decoded, so that dotted paths reach into them. A
-        # nested or flat value, or the Braze id, that holds only blanks (an empty object) counts
-        # as not sent, as in has_touch(), so the next place is tried.
-        flat = tuple(f"{name}_" for name in NESTED)
-        sent = {
-            k: v
-            for k, v in payload.items()
-            if _present(v) or not (k == BRAZE_KEY or str(k).startswith(flat))
-        }
-        nested = {n: {k: v for k, v in o.items() if _present(v)} for n, o in self.objects.items()}
-        self.decoded = {**sent, **nested}
 
-    def text(self, obj: str | None, *keys: str) -> str | None:
+    def text(self, obj: str, *keys: str) -> str | None:
         value, field = self.first(obj, keys)
         return text(value, field)
 
-    def id(self, obj: str | None, *keys: str) -> str | None:
+    def id(self, obj: str, *keys: str) -> str | None:
         value, field = self.first(obj, keys)
         return device_id(value, field)
 
-    def time(self, obj: str | None, *keys: str) -> datetime | None:
+    def time(self, obj: str, *keys: str) -> datetime | None:
         value, field = self.first(obj, keys)
         return timestamp(value, field)
 
-    def first(self, obj: str | None, keys: Iterable[str]) -> tuple[Any, str]:
-        """The first of ``keys`` present in ``obj`` (None = top level), nested then flat, and the
-        field it came from as the partner spells it; the first key's field when none is."""
-        return pick_named(self.decoded, *_paths(obj, keys))
+    def first(self, obj: str, keys: tuple[str, ...]) -> tuple[Any, str]:
+        """The first of ``keys`` present in ``obj``, nested then flat, and the field it came
+        from as the partner spells it; the first key's nested field when none is."""
+        found = self._find(obj, keys)
+        return found if found is not None else (None, f"{obj}.{keys[0]}")
 
     def braze_id(self) -> tuple[Any, str]:
         """The Braze id and the field it came from: top level first, then each object in
         BRAZE_OBJECTS order, nested or flat."""
-        paths = [BRAZE_KEY]
+        value = self.payload.get(BRAZE_KEY)
+        if _usable(value):
+            return value, BRAZE_KEY
         for obj in BRAZE_OBJECTS:
-            paths += _paths(obj, (BRAZE_KEY,))
-        return pick_named(self.decoded, *paths)
+            found = self._find(obj, (BRAZE_KEY,))
+            if found is not None:
+                return found
+        return None, BRAZE_KEY
 
     def has_touch(self) -> bool:
         """Whether any touch data came: a non-blank value in ``last_attributed_touch_data`` or
         in one of its flat ``last_attributed_touch_data_*`` fields."""
-        flat = {
-            k: v
+        if any(_present(v) for v in self.objects[TOUCH].values()):
+            return True
+        return any(
+            _present(v)
             for k, v in self.payload.items()
-            if isinstance(k, str) and k.startswith(TOUCH + "_")
-        }
-        return any(_present(v) for v in (*self.objects[TOUCH].values(), *flat.values()))
+            if isinstance(k, str) and k.startswith(TOUCH_FLAT)
+        )
+
+    def _find(self, obj: str, keys: tuple[str, ...]) -> tuple[Any, str] | None:
+        """As first(), None when none of ``keys`` is present."""
+        payload, nested = self.payload, self.objects[obj]
+        # Most places are empty: the None checks spare a call for each.
+        for key, path, flat in _places(obj, keys):
+            value = payload.get(path)  # a nested key sent flat under its dotted path
+            if value is not None and present(value):
+                return value, path
+            value = nested.get(key)
+            if value is not None and _usable(value):
+                return value, path
+            value = payload.get(flat)
+            if value is not None and _usable(value):
+                return value, flat
+        return None
 
 
 def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
@@ -116,7 +134,7 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
     if name is None:
         raise MappingError("name", "required: the Branch event name (INSTALL, OPEN, PURCHASE, …)")
     kind = _kind(branch, name)
-    event_time = branch.time(None, "timestamp", "event_timestamp")
+    event_time = timestamp(*pick_named(payload, "timestamp", "event_timestamp"))
     if kind in ("install", "reinstall"):
         install_time = event_time
     else:  # install_activity.timestamp, or flat install_activity_timestamp
@@ -137,7 +155,7 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
         ad_id=branch.id(TOUCH, "~creative_id", "~ad_id"),
         event_time=event_time,
         install_time=install_time,
-        touch_time=branch.time(None, "last_attributed_touch_timestamp"),
+        touch_time=timestamp(*pick_named(payload, "last_attributed_touch_timestamp")),
         platform=_platform(branch),
         idfa=branch.id(USER, "idfa"),
         idfv=branch.id(USER, "idfv"),
@@ -193,12 +211,17 @@ def flat_name(obj: str, key: str) -> str:
     return f"{obj}_{key}"
 
 
-def _paths(obj: str | None, keys: Iterable[str]) -> list[str]:
-    """Where each of ``keys`` of object ``obj`` may be, in order: nested (``user_data.idfa``),
-    then flat (``user_data_idfa``); at the top level when ``obj`` is None."""
-    if obj is None:
-        return list(keys)
-    return [path for key in keys for path in (f"{obj}.{key}", flat_name(obj, key))]
+@functools.cache  # called with the same few constant key lists on every payload
+def _places(obj: str, keys: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
+    """Where each of ``keys`` of object ``obj`` may be, in order: the key, its nested path
+    (``user_data.idfa``) and its flat name (``user_data_idfa``)."""
+    return tuple((key, f"{obj}.{key}", flat_name(obj, key)) for key in keys)
+
+
+def _usable(value: Any) -> bool:
+    """Whether a lookup takes ``value``: sent (see _present), and what pick() takes (not an
+    unfilled ``{macro}``)."""
+    return present(value) if isinstance(value, str) else _present(value)
 
 
 def _present(value: Any) -> bool:

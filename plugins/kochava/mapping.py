@@ -36,8 +36,9 @@ EXTERNAL_ID_ALIASES = ("external_id", "user_id", "customer_id")
 
 
 def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
-    kind = _kind(payload)
+    attribution_type = text(pick(payload, "attribution_type"), "attribution_type")
     event_name = text(pick(payload, "event_name"), "event_name")
+    kind = _kind(attribution_type, event_name)
     if kind == "event" and event_name is None:
         raise MappingError("event_name", "required: name the in-app event or the install")
     if kind in ("install", "reinstall") or (event_name or "").lower() in INSTALL_EVENT_NAMES:
@@ -86,9 +87,9 @@ def map_postback(payload: Mapping[str, Any]) -> AttributionEvent:
     )
 
 
-def _kind(payload: Mapping[str, Any]) -> EventKind:
-    attribution_type = (text(pick(payload, "attribution_type"), "attribution_type") or "").lower()
-    event_name = (text(pick(payload, "event_name"), "event_name") or "").lower()
+def _kind(attribution_type: str | None, event_name: str | None) -> EventKind:
+    attribution_type = (attribution_type or "").lower()
+    event_name = (event_name or "").lower()
     if attribution_type in REENGAGEMENT_TYPES:
         return "reengagement"
     if attribution_type == "reinstall" or event_name == "_reinstall":
