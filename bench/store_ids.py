@@ -50,7 +50,10 @@ def measure(make_id: Callable[[], str], rows: int, group: int, folder: Path) -> 
     for start in range(0, rows, group):
         _insert(conn, batch[start : start + group])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    (stored,) = conn.execute("SELECT count(*) FROM events").fetchone()
     conn.close()
+    if stored != rows:
+        raise SystemExit(f"{stored} of {rows} rows stored")
     return wall / rows * 1e6, cpu / rows * 1e6
 
 

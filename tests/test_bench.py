@@ -86,3 +86,17 @@ def test_a_tiny_run_serves_both_targets_and_finds_every_accepted_event(tmp_path:
     assert gateway["duplicates_answered"] == 0
     assert "gateway/bare throughput, workers=1" in report["ratios"]
     assert (tmp_path / result.name.replace(".json", ".txt")).read_text().startswith("bench ")
+
+
+def test_store_ids_stores_every_row_with_both_kinds_of_id() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "store_ids.py"), "--rows", "300", "--group", "7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [row[:3] for row in rows] == [["random", "(v4)", "7"], ["time", "(v7)", "7"]]
+    assert all(float(row[3]) > 0 and float(row[4]) >= 0 for row in rows)
