@@ -167,14 +167,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that, on a thread running an event loop, writes once per turn of the
-    loop: the lines of every request handled in that turn in one write.
+    """A stream handler that writes the postback lines (:meth:`emit_line`, one per request, from
+    the event loop) once per turn of the loop: the lines of every request handled in that turn
+    in one write.
 
     A write to stderr lets go of the interpreter lock, and on a busy gateway the event loop then
-    waits for a storage thread to hand it back, for every line (a postback writes one): measured,
-    a tenth of a millisecond each. Lines are written in order, at the latest when the loop has
-    run the callbacks that were ready, and by :meth:`flush` (at exit too). Elsewhere (no running
-    loop: the CLI, other threads) a line is written at once, as by ``logging.StreamHandler``.
+    waits for a storage thread to hand it back, for every line: measured, a tenth of a
+    millisecond each. A record that goes through logging (start-up, shutdown, warnings: rare) is
+    written at once, after the lines still waiting, so lines stay in order and nothing is left
+    waiting when a process ends after its last record (a worker process ends without running
+    exit handlers). Waiting lines are also written by :meth:`flush`.
     """
 
     def __init__(self, stream: Any = None) -> None:
@@ -190,22 +192,8 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         logging.logMultiprocessing = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._write_pending()
-            super().emit(record)
-            return
-        try:
-            self._lines.append(self.format(record))
-        except Exception:
-            self.handleError(record)
-            return
-        if self._scheduled is not loop:
-            if self._scheduled is not None:  # another loop's turn never came: write now
-                self._write_pending()
-            self._scheduled = loop
-            loop.call_soon(self._turn_ended)
+        self._write_pending()  # under the handler's lock, taken by Handler.handle()
+        super().emit(record)
 
     def emit_line(self, line: str) -> None:
         """Write a line already formatted, on the thread running the event loop."""

@@ -7,10 +7,13 @@ import io
 import json
 import logging
 import uuid
+from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.logs import JsonFormatter, LoopBufferedHandler, info_line
+from tests.fixtures import kochava_samples, start_gateway, stop_gateway
 
 EXTRAS = {"partner": "kochava", "method": "POST", "status": 202, "duration_ms": 1.25, "x": None}
 
@@ -28,6 +31,13 @@ def server_logger() -> tuple[logging.Logger, io.StringIO]:
     return logger, stream
 
 
+def alone(logger: logging.Logger) -> logging.Logger:
+    """The logger with its own handler only: pytest adds capturing handlers while a test runs,
+    and with them the short cut rightly steps aside."""
+    logger.handlers = [h for h in logger.handlers if type(h) is LoopBufferedHandler]
+    return logger
+
+
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
@@ -36,10 +46,12 @@ def test_short_cut_writes_the_line_logging_would(
     server_logger: tuple[logging.Logger, io.StringIO],
 ) -> None:
     logger, stream = server_logger
+    alone(logger)
 
     async def both() -> None:
         logger.info("postback", extra=EXTRAS)
         info_line(logger, "postback", EXTRAS)
+        assert len(lines(stream)) == 1  # the short cut's line waits for the end of the turn
 
     asyncio.run(both())
     raw = stream.getvalue().splitlines()
@@ -55,22 +67,43 @@ def test_short_cut_writes_the_line_logging_would(
     assert raw[0].split('", ', 1)[1] == raw[1].split('", ', 1)[1]
 
 
-def test_short_cut_lines_keep_their_order_within_a_turn(
+def test_postback_lines_wait_for_the_turn_and_records_keep_their_order(
     server_logger: tuple[logging.Logger, io.StringIO],
 ) -> None:
+    """Postback lines are written when the turn of the loop ends; a record through logging is
+    written at once, after the lines waiting before it."""
     logger, stream = server_logger
+    alone(logger)
 
     async def mixed() -> None:
-        for n in range(6):
-            if n % 2:
-                info_line(logger, f"line {n}", {"n": n})
-            else:
-                logger.info(f"line {n}", extra={"n": n})
-        assert stream.getvalue() == ""  # written when the turn ends, not before
+        info_line(logger, "line 0", {"n": 0})
+        info_line(logger, "line 1", {"n": 1})
+        assert stream.getvalue() == ""  # waiting for the end of the turn
+        logger.info("line 2", extra={"n": 2})
+        assert [line["n"] for line in lines(stream)] == [0, 1, 2]  # at once, in order
+        info_line(logger, "line 3", {"n": 3})
+        assert len(lines(stream)) == 3
         await asyncio.sleep(0)
 
     asyncio.run(mixed())
-    assert [line["n"] for line in lines(stream)] == list(range(6))
+    assert [line["n"] for line in lines(stream)] == [0, 1, 2, 3]
+
+
+def test_every_worker_writes_its_last_lines_when_stopped(tmp_path: Path) -> None:
+    """A worker process ends without exit handlers: what it logs up to its end is written."""
+    gateway = start_gateway(tmp_path, workers=2)
+    try:
+        key = gateway.create_key()
+        url = f"{gateway.base_url}/partners/kochava/postback?api_key={key}"
+        sent = [httpx.post(url, content=body) for body in kochava_samples().values()]
+        assert {answer.status_code for answer in sent} <= {200, 202}
+    finally:
+        stop_gateway(gateway)
+    assert gateway.process.returncode == 0
+    log = gateway.log_text()
+    assert log.count('"msg": "postback"') == len(sent)
+    assert log.count("Application shutdown complete.") == 2
+    assert log.count("Finished server process") == 2
 
 
 def test_a_filter_or_a_second_handler_sees_every_record(
@@ -79,6 +112,7 @@ def test_a_filter_or_a_second_handler_sees_every_record(
     """Where something else would see the record (a test capturing logs, a filter), the short
     cut is not taken: the record goes through logging."""
     logger, stream = server_logger
+    alone(logger)
     seen: list[logging.LogRecord] = []
 
     class Capture(logging.Handler):
