@@ -263,6 +263,7 @@ def start_profiler(
     out = args.out / f"profile-{args.label or 'run'}-{target}-{workers}.speedscope.json"
     cmd = [py_spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "250"]
     cmd += ["--format", "speedscope", "--output", str(out), "--nonblocking"]
+    cmd += ["--idle"] if args.profile_idle else []
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -497,6 +498,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile", action="store_true", help="record the server with py-spy (speedscope)"
+    )
+    parser.add_argument(
+        "--profile-idle",
+        action="store_true",
+        help="with --profile: keep the samples of threads waiting (py-spy --idle)",
     )
     parser.add_argument("--label", default="", help="added to the result file names")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
