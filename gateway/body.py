@@ -94,18 +94,39 @@ def _unquote(text: str) -> str:
 
 
 def key_from_request(query: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
-    """The key from ``Authorization: Bearer``, ``X-Api-Key`` or ``?api_key=``, in that order.
+    """The key from ``Authorization: Bearer``, ``X-Api-Key`` or ``?api_key=``.
 
-    A key that is present but blank is refused as such, not taken for a missing key.
+    A key sent in more than one of these must be the same key in each: two different keys are
+    refused (as two different ``?api_key=`` values are), not one of them picked. A key that is
+    present but blank is refused as such, not taken for a missing key.
     """
+    sent: list[tuple[str, str]] = []
     parts = headers.get("authorization", "").split(None, 1)
     if len(parts) == 2 and parts[0].lower() == "bearer":
-        return parts[1].strip()
+        sent.append((parts[1].strip(), "the Authorization header"))
     if "x-api-key" in headers:
-        return _present(headers["x-api-key"], "the X-Api-Key header")
+        where = "the X-Api-Key header"
+        sent.append((_present(headers["x-api-key"], where), where))
     if KEY_FIELD in query:
-        return _present(query[KEY_FIELD], "the api_key parameter")
-    return None
+        where = "the api_key parameter"
+        sent.append((_present(query[KEY_FIELD], where), where))
+    if not sent:
+        return None
+    key = sent[0][0]
+    if len(sent) > 1 and any(other != key for other, _ in sent):
+        places = " and ".join(where for _, where in sent)
+        raise Unauthorized(f"different keys sent in {places}: send one key")
+    return key
+
+
+def same_key_in_body(key: str, items: list[dict[str, Any]]) -> None:
+    """A key sent in a header or the query string may also be in the body's ``api_key`` field
+    (it is removed before storing), but only the same key."""
+    for item in items:
+        if KEY_FIELD in item and _key_text(item[KEY_FIELD]) not in (None, key):
+            raise Unauthorized(
+                "different keys sent in the api_key field and a header or parameter: send one key"
+            )
 
 
 def _present(value: str, where: str) -> str:

@@ -209,7 +209,7 @@ class Postback(_Described):
                     "in": "query",
                     "required": False,
                     "description": "the partner's key (or Authorization: Bearer, X-Api-Key, or "
-                    "an api_key body field)",
+                    "an api_key body field; sent in several, the same key in each)",
                     "schema": {"type": "string"},
                 },
                 {

@@ -133,7 +133,9 @@ class Gateway:
             items = reader.parse_body(
                 body, headers.get("content-type", ""), self.config.limits.max_batch_events
             )
-            if not authenticated:
+            if key is not None:  # checked above
+                reader.same_key_in_body(key, items)
+            else:
                 key = reader.key_from_body(items)
                 key_id = await check_key(self.storage, name, key, self.key_secret)
                 await self._note_key_use(key_id)

@@ -5,9 +5,9 @@ backfill after an outage arrives as one large burst; see docs/security.md for wh
 value to choose.
 
 What counts: every request made with a key, once the key is authenticated, whatever its answer
-(accepted, duplicate, organic, refused as 400/413/422); a batch is one request. Requests without
-a valid key are never counted, so a flood of bad keys cannot use up a real key's budget. Each key
-has its own budget, so a partner's second key (during a rotation) has its own.
+(accepted, duplicate, organic, refused as 400/408/413/415/422); a batch is one request. Requests
+without a valid key are never counted, so a flood of bad keys cannot use up a real key's budget.
+Each key has its own budget, so a partner's second key (during a rotation) has its own.
 
 The window is fixed, starting at a key's first request after the previous window ended; the
 answer past the limit is ``429`` with ``Retry-After``: the whole seconds until the window ends.

@@ -244,6 +244,51 @@ def test_two_different_api_key_parameters_are_401(
     assert events(client, admin) == []
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("query", "header"), ("header", "query"), ("bearer", "header"), ("bearer", "query")],
+)
+def test_different_keys_in_two_places_are_401_whichever_is_right(
+    client: TestClient[Any], api_key: str, admin: dict[str, str], first: str, second: str
+) -> None:
+    """No place wins over another: a good key beside a different one is refused, both ways."""
+
+    def send(places: dict[str, str]) -> Any:
+        headers = {}
+        if "header" in places:
+            headers["X-Api-Key"] = places["header"]
+        if "bearer" in places:
+            headers["Authorization"] = f"Bearer {places['bearer']}"
+        url = f"{URL}?api_key={places['query']}" if "query" in places else URL
+        return check(client.post(url, json=sample(), headers=headers))
+
+    for keys in ({first: api_key, second: "gwk_other"}, {first: "gwk_other", second: api_key}):
+        response = send(keys)
+        assert_401(response, "different keys sent in")
+        assert "gwk_other" not in response.text and api_key not in response.text
+    assert events(client, admin) == []
+    assert send({first: api_key, second: api_key}).status_code == 202  # the same key: fine
+
+
+@pytest.mark.parametrize("where", ["header", "query"])
+def test_a_different_key_in_the_body_beside_a_header_or_parameter_is_401(
+    client: TestClient[Any], api_key: str, admin: dict[str, str], config: Config, where: str
+) -> None:
+    other = new_key(config)  # valid too: still not to be mixed
+    headers = {"X-Api-Key": api_key} if where == "header" else {}
+    url = f"{URL}?api_key={api_key}" if where == "query" else URL
+    for body_key in (other, "gwk_wrong"):
+        response = check(client.post(url, json=sample(api_key=body_key), headers=headers))
+        assert_401(response, "different keys sent in the api_key field")
+    batch = [sample(api_key=api_key), sample("install_android_identity_link.json")]
+    batch[1]["api_key"] = other
+    assert_401(check(client.post(url, json=batch, headers=headers)), "different keys")
+    assert events(client, admin) == []
+    same = check(client.post(url, json=sample(api_key=api_key), headers=headers))
+    assert same.status_code == 202, same.text
+    assert "api_key" not in events(client, admin)[0]["raw"]
+
+
 def test_bearer_separated_by_a_tab_and_a_padded_query_key_work(
     client: TestClient[Any], api_key: str
 ) -> None:
