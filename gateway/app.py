@@ -204,14 +204,23 @@ async def list_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response({"events": events})
 
 
+HEALTHY = event_encoder.encode({"status": "ok"})
+
+
 @get("/healthz", operation_class=openapi.Healthz)
 async def healthz() -> Response[bytes]:
-    return json_response({"status": "ok"})
+    return Response(content=HEALTHY, status_code=200, media_type="application/json")
 
 
 @head("/healthz", operation_class=openapi.HealthzHead)
-async def healthz_head() -> None:
-    """Load balancers probe with HEAD."""
+async def healthz_head() -> Response[None]:
+    """Load balancers probe with HEAD: the GET's headers, Content-Length included, no body."""
+    return Response(
+        content=None,
+        status_code=200,
+        media_type="application/json",
+        headers={"content-length": str(len(HEALTHY))},
+    )
 
 
 # -- readiness and metrics ----------------------------------------------------------------------

@@ -66,7 +66,7 @@ COUNTER_LABELS: dict[str, str] = {
     "duplicate": "Duplicates",
     "ignored_organic": "Ignored: organic",
     "ignored_restricted": "Ignored: restricted network",
-    "rejected": "Rejected (400/413/422)",
+    "rejected": "Rejected (400/408/413/415/422)",
     "unauthorized": "Refused key (401)",
     "rate_limited": "Rate limited (429)",
 }
@@ -219,6 +219,7 @@ def _redirect(
     return Response(
         content=b"",
         status_code=303,
+        media_type="text/plain",  # no body; not the JSON Litestar would otherwise label it
         headers={**SECURITY_HEADERS, "Location": _prefix(request) + path},
         cookies=cookies,
     )

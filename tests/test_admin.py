@@ -160,6 +160,15 @@ def test_healthz_is_open(client: TestClient[Any]) -> None:
         assert response.json() == {"status": "ok"}
 
 
+def test_healthz_head_has_the_get_headers_and_no_body(client: TestClient[Any]) -> None:
+    got, probed = client.get("/healthz"), client.head("/healthz")
+    assert probed.status_code == 200 and probed.content == b""
+    assert (
+        probed.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+    )
+    assert probed.headers["content-type"] == got.headers["content-type"] == "application/json"
+
+
 # -- GET /events -------------------------------------------------------------------------------
 
 

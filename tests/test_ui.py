@@ -115,6 +115,7 @@ def test_sign_in_sets_a_secure_session_cookie_that_is_not_the_token(ui: TestClie
 
     response = ui.post("/login", data={"token": ADMIN_TOKEN}, follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/ui"
+    assert response.content == b"" and response.headers["content-type"].startswith("text/plain")
     set_cookie = response.headers["set-cookie"]
     name_value, *attributes = [part.strip() for part in set_cookie.split(";")]
     name, _, value = name_value.partition("=")
