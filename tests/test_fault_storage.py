@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from psycopg import sql
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.storage import open_storage
+from gateway.storage.postgres import ACQUIRE_TIMEOUT_S
 from tests.faults import Serve, metric
 from tests.fixtures import ADMIN_TOKEN, make_config, new_key
 from tests.test_status import POSTBACK, sample
@@ -189,8 +191,9 @@ def test_postgres_disk_full_answers_503_then_recovers(
 
 
 def test_postgres_refusing_connections_answers_503_then_recovers(pg_config: Config) -> None:
-    """Takes the storage's pool timeout (10 s): the requests wait for a connection that cannot
-    be made, then answer 503. They are sent together, so the test waits once."""
+    """Requests that find the pool unable to connect wait for the storage's acquire timeout
+    (ACQUIRE_TIMEOUT_S, 1.5 s) at most, then answer 503: in time for a partner that gives up
+    after 2 s. Each wave is sent together, so the test waits once per wave."""
     key = new_key(pg_config)
     name = dbname(pg_config)
     with TestClient(create_app(pg_config)) as client:
@@ -221,7 +224,14 @@ def test_postgres_refusing_connections_answers_503_then_recovers(pg_config: Conf
                     )
 
             for response in client.blocking_portal.call(during_outage):
+                assert_retry_later(response)  # the pool's connection was cut: at once
+            # Now the pool has no connection and cannot make one: the next requests wait for
+            # one up to the acquire timeout, not longer.
+            started = time.monotonic()
+            for response in client.blocking_portal.call(during_outage):
                 assert_retry_later(response)
+            waited = time.monotonic() - started
+            assert ACQUIRE_TIMEOUT_S < 2 and ACQUIRE_TIMEOUT_S <= waited < 4, waited
             ready = client.get("/readyz")
             assert (ready.status_code, ready.json()["storage"]) == (503, "unavailable")
         finally:

@@ -110,6 +110,13 @@ async def _configure(conn: Connection) -> None:
     await conn.execute("SET TIME ZONE 'UTC'")
 
 
+#: Longest a request waits for a pooled connection. A healthy pool hands one over in well under
+#: a millisecond (stores share one per turn of the event loop), so a longer wait means PostgreSQL
+#: cannot be reached: answer 503 (the partner retries) before the least patient partner gives
+#: up (Branch, after 2 s), rather than hold the request.
+ACQUIRE_TIMEOUT_S = 1.5
+
+
 class PostgresStorage:
     """Storage in PostgreSQL at ``url`` (``postgresql://user@host:port/dbname?…``)."""
 
@@ -120,7 +127,7 @@ class PostgresStorage:
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 10.0,
-        acquire_timeout: float = 10.0,
+        acquire_timeout: float = ACQUIRE_TIMEOUT_S,
     ) -> None:
         self.url = url
         self.min_size = min_size
