@@ -494,16 +494,17 @@ class Soak:
 
         await self.until(lambda: self.tally.sent >= 2 * n // 3)
         # What the status store holds just before the kill (the read writes this worker's
-        # pending updates first); the kill may lose only what was answered after it, and the
-        # updates of requests still in flight.
+        # pending updates first); the kill may lose only what was answered from then on, and
+        # the updates of requests still in flight.
+        answered_before_read = len(self.tally.accepted_ids)
         self.status_before_kill = await self.status_accepted(http)
-        self.accepted_before_kill = len(self.tally.accepted_ids)
         w = Window("gateway SIGKILL", time.monotonic())
         self.windows.append(w)
         await asyncio.to_thread(self.gateway.kill)
-        answered_after_read = len(self.tally.accepted_ids) - self.accepted_before_kill
-        w.notes["accepted_answered_between_status_read_and_kill"] = answered_after_read
-        self.accepted_before_kill += answered_after_read
+        self.accepted_before_kill = len(self.tally.accepted_ids)
+        w.notes["accepted_answered_from_status_read_to_kill"] = (
+            self.accepted_before_kill - answered_before_read
+        )
         await asyncio.to_thread(self.gateway.start)  # same port, same files
         w.end = time.monotonic()
 
@@ -516,6 +517,8 @@ class Soak:
             await asyncio.sleep(0.05)
 
     async def status_accepted(self, http: httpx.AsyncClient) -> int:
+        """The status store's accepted counters, summed over the partners (the worker that
+        answers writes its pending updates first)."""
         headers = {"Authorization": f"Bearer {self.admin_token}"}
         partners = (await http.get("/partners", headers=headers)).json()["partners"]
         return sum(int(p["counters"]["accepted"]) for p in partners)
@@ -587,12 +590,11 @@ class Soak:
             progress.cancel()
             await faults
             pending = await self.wait_no_pending(http)
-            headers = {"Authorization": f"Bearer {self.admin_token}"}
-            status = (await http.get("/partners", headers=headers)).json()["partners"]
+            status_accepted = await self.status_accepted(http)
         self.gateway.stop()
         self.redis.stop()
         stored_ids, stored_count = await self.stored()
-        return self.report(started, elapsed, pending, status, stored_ids, stored_count)
+        return self.report(started, elapsed, pending, status_accepted, stored_ids, stored_count)
 
     async def stored(self) -> tuple[set[str], int]:
         storage = open_storage(self.storage_url)
@@ -615,7 +617,7 @@ class Soak:
         started: float,
         elapsed: float,
         pending: float | None,
-        status: list[dict[str, Any]],
+        status_accepted: int,
         stored_ids: set[str],
         stored_count: int,
     ) -> dict[str, Any]:
@@ -633,7 +635,6 @@ class Soak:
         ][:20]
         fivexx_outside = sum(n for what, n in outside.items() if what[0].isdigit())
         errors_outside = sum(n for what, n in outside.items() if not what[0].isdigit())
-        status_accepted = sum(p["counters"]["accepted"] for p in status)
         redis_window = next(w for w in self.windows if w.name == "redis restart")
         readyz = redis_window.notes.get("readyz_while_down", {})
         latencies = sorted(t.latencies)
