@@ -116,6 +116,15 @@ async def _configure(conn: Connection) -> None:
 #: up (Branch, after 2 s), rather than hold the request.
 ACQUIRE_TIMEOUT_S = 1.5
 
+#: How long the pool keeps retrying a connection it lost before giving that attempt up. The
+#: pool's retries back off (1 s, 2 s, 4 s, … up to this bound), so after an outage of a few
+#: seconds the next try could come long after PostgreSQL is back, and every request meanwhile
+#: would wait ACQUIRE_TIMEOUT_S for nothing and answer 503. Bounded at 1 s, an attempt tries at
+#: most twice, a second apart; once it has given up, the next request that finds no connection
+#: makes the pool try again at once. So a request that arrives once PostgreSQL is back gets a
+#: connection within its wait, however long the outage lasted.
+RECONNECT_TIMEOUT_S = 1.0
+
 
 class PostgresStorage:
     """Storage in PostgreSQL at ``url`` (``postgresql://user@host:port/dbname?…``)."""
@@ -164,6 +173,7 @@ class PostgresStorage:
                 check=_check_if_idle,
                 reset=_note_returned,
                 timeout=self.acquire_timeout,
+                reconnect_timeout=RECONNECT_TIMEOUT_S,
                 name="gateway-storage",
             )
             try:
