@@ -141,7 +141,7 @@ class SQLiteThread:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-                conn.execute("PRAGMA journal_mode = WAL")
+                self._set_wal(conn)
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 conn.executescript(self.schema)
             except BaseException:
@@ -149,6 +149,23 @@ class SQLiteThread:
                 raise
             self._conn = conn
         return self._conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> None:
+        """Turn on WAL, waiting up to the busy timeout for other connections as any statement
+        does. SQLite answers "database is locked" here at once, without its busy handler, while
+        another process is creating the same new database (gateway workers starting together),
+        so the wait is done here."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     # -- for async callers ---------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
+import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -519,6 +522,36 @@ def test_several_instances_open_a_new_store_at_once(url: str) -> None:
             await asyncio.gather(*(s.close() for s in storages))
 
     assert asyncio.run(main()) == [1] * 5
+
+
+def test_sqlite_opens_a_new_database_another_process_is_writing(tmp_path: Path) -> None:
+    """Turning on WAL while another connection writes a new database's first rows (still in
+    rollback-journal mode, as a worker that started first) fails at once in SQLite, busy
+    timeout or not; opening the storage waits for the other writer instead."""
+    path = tmp_path / "gateway.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE first_writer (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO first_writer VALUES (1)")
+    done = threading.Timer(0.3, other.execute, ("COMMIT",))
+
+    async def main() -> int:
+        storage = open_storage(f"sqlite:///{path}")
+        await storage.open()
+        try:
+            await storage.store([event("k")])
+            return await storage.count()
+        finally:
+            await storage.close()
+
+    started = time.monotonic()
+    done.start()
+    try:
+        assert asyncio.run(main()) == 1
+    finally:
+        done.join()
+        other.close()
+    assert time.monotonic() - started >= 0.3  # it waited for the other writer
 
 
 def test_ping(url: str) -> None:
