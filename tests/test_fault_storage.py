@@ -39,12 +39,14 @@ from psycopg import sql
 
 from gateway.app import create_app
 from gateway.config import Config
+from gateway.errors import StorageUnavailable
+from gateway.publish.outbox import PostgresOutbox
 from gateway.storage import open_storage
 from gateway.storage.postgres import ACQUIRE_TIMEOUT_S, RECONNECT_TIMEOUT_S
 from tests.faults import Serve, metric
 from tests.fixtures import ADMIN_TOKEN, make_config, new_key
 from tests.test_status import POSTBACK, sample
-from tests.test_storage import POSTGRES_ADMIN_URL, postgres_database
+from tests.test_storage import POSTGRES_ADMIN_URL, event, postgres_database
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 INSTALL = "install_ios_attributed.json"
@@ -148,6 +150,24 @@ def admin_connection(url: str = POSTGRES_ADMIN_URL) -> Iterator[psycopg.Connecti
         yield conn
 
 
+@contextlib.contextmanager
+def refusing_connections(name: str) -> Iterator[None]:
+    """PostgreSQL unavailable for database ``name`` inside the block: it accepts no connection
+    and those open are terminated."""
+    allow = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format
+    try:
+        with admin_connection() as other:
+            other.execute(allow(sql.Identifier(name), sql.SQL("false")))
+            other.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        yield
+    finally:
+        with admin_connection() as other:
+            other.execute(allow(sql.Identifier(name), sql.SQL("true")))
+
+
 DISK_FULL = """
 CREATE FUNCTION disk_is_full() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -205,17 +225,7 @@ def test_postgres_refusing_connections_answers_503_then_recovers(pg_config: Conf
     with TestClient(create_app(pg_config)) as client:
         params = {"api_key": key}
         assert client.post(POSTBACK, params=params, content=install("before")).status_code == 202
-        try:
-            with admin_connection() as other:
-                other.execute(
-                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
-                        sql.Identifier(name)
-                    )
-                )
-                other.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    (name,),
-                )
+        with refusing_connections(name):
             outage_from = time.monotonic()
 
             async def during_outage() -> list[httpx.Response]:
@@ -243,13 +253,41 @@ def test_postgres_refusing_connections_answers_503_then_recovers(pg_config: Conf
             ready = client.get("/readyz")
             assert (ready.status_code, ready.json()["storage"]) == (503, "unavailable")
             time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - outage_from)))
-        finally:
-            with admin_connection() as other:
-                other.execute(
-                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
-                )
         for n in range(3):
             response = client.post(POSTBACK, params=params, content=install(f"down-{n}"))
             assert response.status_code == 202, response.text
         assert client.get("/readyz").status_code == 200
     assert stored_keys(pg_config.storage.url) == ["before", "down-0", "down-1", "down-2"]
+
+
+def test_postgres_outbox_publishes_again_as_soon_as_the_database_is_back(
+    pg_config: Config,
+) -> None:
+    """The outbox's pool reconnects as the storage's does (RECONNECT_TIMEOUT_S): after an
+    outage of OUTAGE_S, the publisher's first read once PostgreSQL is back gets the events
+    waiting, instead of failing until the pool's backoff comes round to its next try."""
+    url = pg_config.storage.url
+
+    async def run() -> None:
+        storage = open_storage(url)
+        await storage.open()
+        outbox = PostgresOutbox(url, timeout=ACQUIRE_TIMEOUT_S)
+        await outbox.open()
+        try:
+            await storage.store([event("before")])
+            assert len(await outbox.pending(10)) == 1
+            with refusing_connections(dbname(pg_config)):
+                outage_from = time.monotonic()
+                for _ in range(2):  # the pool's connection was cut, then none can be made
+                    with pytest.raises(StorageUnavailable, match="outbox"):
+                        await outbox.pending(10)
+                await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - outage_from)))
+            started = time.monotonic()
+            pending = await outbox.pending(10)
+            assert time.monotonic() - started < ACQUIRE_TIMEOUT_S
+            assert len(pending) == 1 and await outbox.count() == 1
+        finally:
+            await outbox.close()
+            await storage.close()
+
+    asyncio.run(run())

@@ -36,6 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 from gateway.errors import StorageUnavailable
 from gateway.publish import OutboxEntry
 from gateway.sqlite_thread import SQLiteThread
+from gateway.storage.postgres import RECONNECT_TIMEOUT_S
 
 #: The oldest unpublished events, with what an engine needs of each.
 _PENDING = (
@@ -255,6 +256,7 @@ class PostgresOutbox:
                 configure=_configure,
                 check=AsyncConnectionPool.check_connection,
                 timeout=self.timeout,
+                reconnect_timeout=RECONNECT_TIMEOUT_S,  # publishing resumes once it is back
                 name="gateway-outbox",
             )
             try:
